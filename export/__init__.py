@@ -1,0 +1,1 @@
+"""Diffusers Wan checkpoint -> Triton model repository (`python export/build_engines.py --help`)."""
