@@ -28,11 +28,12 @@ import argparse
 import importlib.metadata
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 from export.checkpoint import (DEFAULT_CHECKPOINT, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_NUM_FRAMES,
                                DEFAULT_MAX_SIDE, DEFAULT_MAX_TEXT_LENGTH, DEFAULT_MIN_SIDE, REPO_ROOT, BuildError,
-                               default_checkpoint, load_checkpoint, resolve_defaults, resolve_limits)
+                               Checkpoint, ServingDefaults, ShapeLimits, default_checkpoint, load_checkpoint,
+                               resolve_defaults, resolve_limits)
 from export import repository
 
 BACKENDS = ("onnxruntime", "tensorrt")
@@ -136,13 +137,26 @@ def _pick(args: argparse.Namespace, prefix: str, names: list[str]) -> dict:
     return {name: getattr(args, f"{prefix}{name}") for name in names}
 
 
-def build(args: argparse.Namespace) -> int:
-    started = time.monotonic()
-    log = print
+@dataclass
+class BuildPlan:
+    """Everything a build is decided by; `digest` fingerprints it."""
 
-    # 1. What to build: checkpoint, defaults, limits, backend
-    checkpoint_dir = args.checkpoint if args.checkpoint is not None else default_checkpoint()
-    checkpoint = load_checkpoint(checkpoint_dir, args.model_name)
+    checkpoint: Checkpoint
+    defaults: ServingDefaults
+    limits: ShapeLimits
+    backend: str
+    precisions: dict
+    output: Path
+    copy_source: bool
+    options: dict
+    checkpoint_record: dict
+    digest: str
+
+
+def plan_build(args: argparse.Namespace) -> BuildPlan:
+    """Checkpoint, defaults, limits and backend, all checked before anything slow happens."""
+    checkpoint = load_checkpoint(args.checkpoint if args.checkpoint is not None else default_checkpoint(),
+                                 args.model_name)
     defaults = resolve_defaults(checkpoint, _pick(args, "default_", [
         "height", "width", "num_frames", "num_inference_steps", "guidance_scale", "shift", "fps"]))
     limits = resolve_limits(checkpoint, defaults, _pick(args, "", [
@@ -155,30 +169,55 @@ def build(args: argparse.Namespace) -> int:
 
         require_tensorrt()  # before minutes of export, not after
 
-    # 2. Nothing to do when the output was built from the same inputs
     output = args.output.expanduser().resolve()
     copy_source = repository.copies_pipeline_source(output)
-    previous = repository.read_build_info(output)
     options = {"backend": backend, "precisions": precisions, "defaults": asdict(defaults),
                "limits": asdict(limits), "model_name": checkpoint.name, "model_kind": checkpoint.kind,
                "opset": args.opset, "versions": package_versions()}
     if backend == "tensorrt":
         options["workspace_gib"] = args.workspace_gib
-    checkpoint_record = repository.hash_checkpoint(checkpoint.path, previous.get("checkpoint_files"))
+    checkpoint_record = repository.hash_checkpoint(checkpoint.path,
+                                                   repository.read_build_info(output).get("checkpoint_files"))
     digest = repository.fingerprint(checkpoint_record, options, repository.source_hash(copy_source))
-    if not args.force and repository.is_up_to_date(output, digest):
-        log(f"{output} is up to date ({checkpoint.path.name}, {backend}); nothing to do (--force rebuilds)")
-        return 0
-    if copy_source and not repository.pipeline_sources():
-        log(f"warning: {repository.PIPELINE_SOURCE_DIR} has no .py files; wan_pipeline will not load")
+    return BuildPlan(checkpoint, defaults, limits, backend, precisions, output, copy_source, options,
+                     checkpoint_record, digest)
 
-    # 3. Export, check, (build engines), write configs and assets, install
+
+def build(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    plan = plan_build(args)
+    up_to_date = (f"{plan.output} is up to date ({plan.checkpoint.path.name}, {plan.backend}); nothing to do "
+                  "(--force rebuilds)")
+    if not args.force and repository.is_up_to_date(plan.output, plan.digest):
+        print(up_to_date)
+        return 0
+    with repository.build_lock(plan.output, on_wait=lambda: print(f"waiting for another build of {plan.output}")):
+        if not args.force and repository.is_up_to_date(plan.output, plan.digest):  # the other build made it
+            print(up_to_date)
+            return 0
+        repository.remove_stale_staging(plan.output)
+        export_and_install(args, plan)
+    print(f"wrote {plan.output} ({plan.backend}: {', '.join(repository.COMPONENT_MODELS)}, "
+          f"{repository.PIPELINE_MODEL}) in {time.monotonic() - started:.0f} s")
+    return 0
+
+
+def export_and_install(args: argparse.Namespace, plan: BuildPlan) -> None:
+    """Export and check the graphs, (build engines), write configs and assets, install: all in a staging
+    folder first, so a failure at any point leaves the output as it was."""
+    started = time.monotonic()
+    checkpoint, defaults, limits, backend, precisions = (plan.checkpoint, plan.defaults, plan.limits, plan.backend,
+                                                         plan.precisions)
+    output, copy_source = plan.output, plan.copy_source
+    if copy_source and not repository.pipeline_sources():
+        print(f"warning: {repository.PIPELINE_SOURCE_DIR} has no .py files; wan_pipeline will not load")
+
     from tqdm import tqdm
 
     from export import onnx_graphs
 
-    log(f"building {output} from {checkpoint.path} ({checkpoint.kind}, {backend}; "
-        f"limits {limits.max_height}x{limits.max_width}x{limits.max_num_frames}f)")
+    print(f"building {output} from {checkpoint.path} ({checkpoint.kind}, {backend}; "
+          f"limits {limits.max_height}x{limits.max_width}x{limits.max_num_frames}f)")
     spatial, temporal = checkpoint.vae_scale_factor_spatial, checkpoint.vae_scale_factor_temporal
     graphs: dict[str, onnx_graphs.ExportedGraph] = {}
     vae_result: list[onnx_graphs.VaeExport] = []
@@ -247,20 +286,16 @@ def build(args: argparse.Namespace) -> int:
             entries = [*repository.COMPONENT_MODELS, f"{repository.PIPELINE_MODEL}/config.pbtxt",
                        f"{repository.PIPELINE_MODEL}/1/assets"]
         build_info = {
-            "fingerprint": digest,
+            "fingerprint": plan.digest,
             "checkpoint": str(checkpoint.path),
-            "checkpoint_files": checkpoint_record,
-            "options": options,
+            "checkpoint_files": plan.checkpoint_record,
+            "options": plan.options,
             "graphs": {name: {"export_seconds": round(g.export_seconds, 2), "max_abs_diff": g.max_abs_diff,
                               "checked_at": g.checked_at} for name, g in graphs.items()},
             "vae_decode_max_abs_diff": vae_result[0].decode_max_abs_diff,
             "build_seconds": round(time.monotonic() - started, 1),
         }
         repository.install(staging, output, entries, build_info)
-
-    log(f"wrote {output} ({backend}: {', '.join(repository.COMPONENT_MODELS)}, {repository.PIPELINE_MODEL}) "
-        f"in {time.monotonic() - started:.0f} s")
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -339,15 +339,16 @@ def ort_session(path: Path):
 
 def max_abs_diff(expected, actual, label: str, tolerance: float) -> float:
     """Largest |expected - actual| over paired outputs; VerificationError past tolerance x max(1, max|expected|)."""
-    worst, scale = 0.0, 1.0
+    diffs, scale = [0.0], 1.0
     for index, (want, got) in enumerate(zip(expected, actual)):
         want = want.detach().numpy() if isinstance(want, torch.Tensor) else np.asarray(want)
         if tuple(want.shape) != tuple(got.shape):
             raise VerificationError(f"{label}: output {index} has shape {tuple(got.shape)}, PyTorch gives "
                                     f"{tuple(want.shape)}")
         if want.size:
-            worst = max(worst, float(np.abs(want.astype(np.float64) - got).max()))
+            diffs.append(float(np.abs(want.astype(np.float64) - got).max()))
             scale = max(scale, float(np.abs(want).max()))
+    worst = float(np.max(diffs))  # NaN propagates
     if not worst <= tolerance * scale:  # also catches NaN
         raise VerificationError(f"{label}: max abs diff {worst:.3g} vs PyTorch exceeds the tolerance "
                                 f"{tolerance:g} x {scale:.3g}")

@@ -6,6 +6,7 @@ Nothing here imports torch: a no-op re-run decides from the fingerprint alone, i
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -223,6 +224,33 @@ def is_up_to_date(output: Path, digest: str) -> bool:
 
 
 @contextmanager
+def build_lock(output: Path, on_wait=None):
+    """One build per output at a time (test sessions and developers share .cache/): a second build waits,
+    then finds the repository up to date. The lock file lives in the temp dir, not beside the output."""
+    key = hashlib.sha256(str(Path(output).resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"wan-build-{key}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def remove_stale_staging(output: Path) -> None:
+    """Scratch folders of builds that were killed (call with the build lock held: none is running)."""
+    output = Path(output).resolve()
+    for stale in output.parent.glob(f".{output.name}.building.*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in output.parent.glob(f".{output.name}.old.*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+@contextmanager
 def staging_dir(output: Path):
     """A scratch folder beside `output` (same file system, so installing is renames); always removed."""
     output = Path(output).resolve()
@@ -243,8 +271,11 @@ def install(staging: Path, output: Path, entries: list[str], build_info: dict) -
     build_info = {**build_info, "entries": list(entries)}
     if not output.exists():
         write_text(staging / BUILD_INFO, json.dumps(build_info, indent=2) + "\n")
-        os.rename(staging, output)
-        return
+        try:
+            os.rename(staging, output)
+            return
+        except OSError:  # created meanwhile: install entry by entry below
+            (staging / BUILD_INFO).unlink()
     info_path.unlink(missing_ok=True)
     trash = Path(tempfile.mkdtemp(prefix=f".{output.name}.old.", dir=output.parent))
     try:
