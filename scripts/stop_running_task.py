@@ -1,0 +1,32 @@
+"""Stop the running task (DELETE /v1/tasks/running), or cancel one task by id (DELETE /v1/tasks/{id}).
+
+    python scripts/stop_running_task.py [--url http://127.0.0.1:8000] [--task-id ID]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import httpx
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="base URL of the /v1 API")
+    parser.add_argument("--task-id", help="cancel this task (pending or running) instead of the running one")
+    args = parser.parse_args(argv)
+    path = f"/v1/tasks/{args.task_id}" if args.task_id else "/v1/tasks/running"
+    with httpx.Client(base_url=args.url.rstrip("/"), timeout=10) as client:
+        try:
+            response = client.delete(path)
+        except httpx.HTTPError as error:
+            print(f"request failed: {error}", file=sys.stderr)
+            return 2
+    print(json.dumps(response.json()))
+    return 0 if response.status_code == 200 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
