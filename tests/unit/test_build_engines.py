@@ -233,3 +233,61 @@ def test_checkpoint_without_serving_defaults_gets_wan21_defaults_and_its_flow_sh
     assert defaults == WAN21_DEFAULTS.__class__(**{**WAN21_DEFAULTS.__dict__, "shift": 5.0})
     with pytest.raises(BuildError, match="default width 832 is outside"):  # 480x832 does not fit the tiny DiT's rotary tables
         resolve_limits(load_checkpoint(copy), defaults)
+
+
+# --- the tensorrt branch, on CPU: engine builds faked, everything else real ------------------------------
+
+def test_tensorrt_backend_writes_plans_and_tensorrt_configs(model_repository, tiny_checkpoint, tmp_path,
+                                                            monkeypatch):
+    from export import tensorrt_engines
+
+    def reuse_graph(name, onnx_dir):  # the session build's ONNX graphs instead of a second export
+        target = onnx_dir / name
+        target.mkdir(parents=True)
+        for path in (model_repository / name / "1").glob("model.onnx*"):
+            shutil.copy2(path, target / path.name)
+        return target / "model.onnx"
+
+    def text_encoder(checkpoint, onnx_dir, **_):
+        return [onnx_graphs.ExportedGraph(onnx_graphs.text_encoder_spec(32), reuse_graph("text_encoder", onnx_dir), 0)]
+
+    def dit(checkpoint, onnx_dir, **_):
+        spec = onnx_graphs.dit_spec(16, 16, 32, [1, 2, 2])
+        return [onnx_graphs.ExportedGraph(spec, reuse_graph("dit", onnx_dir), 0)]
+
+    def vae(checkpoint, onnx_dir, **_):
+        layout = onnx_graphs.vae_cache_layout(onnx_graphs.load_vae(checkpoint))
+        specs = onnx_graphs.vae_specs(layout, 16, 8, 4)
+        return onnx_graphs.VaeExport([onnx_graphs.ExportedGraph(s, reuse_graph(s.name, onnx_dir), 0) for s in specs],
+                                     layout)
+
+    engines = {}
+
+    def build_engine(onnx_path, plan_path, profile, precision, workspace_gib):
+        assert onnx_path.is_file()
+        engines[plan_path.parent.parent.name] = (profile, precision)
+        plan_path.parent.mkdir(parents=True, exist_ok=True)
+        plan_path.write_bytes(b"plan")
+
+    monkeypatch.setattr(onnx_graphs, "export_text_encoder", text_encoder)
+    monkeypatch.setattr(onnx_graphs, "export_dit", dit)
+    monkeypatch.setattr(onnx_graphs, "export_vae", vae)
+    monkeypatch.setattr(tensorrt_engines, "require_tensorrt", lambda: None)
+    monkeypatch.setattr(tensorrt_engines, "build_engine", build_engine)
+    output = tmp_path / "trt"
+    assert build_engines.main(["--checkpoint", str(tiny_checkpoint), "--output", str(output), "--backend", "tensorrt",
+                               "--max-height", "256", "--no-progress"]) == 0
+
+    assert {name: precision for name, (_, precision) in engines.items()} == {
+        "text_encoder": "fp32", "dit": "bf16", "vae_decode_first": "fp32", "vae_decode_step": "fp32"}
+    assert engines["dit"][0]["hidden_states"] == ((1, 16, 1, 8, 8), (2, 16, 5, 12, 20), (2, 16, 21, 32, 64))
+    for name in repository.COMPONENT_MODELS:
+        config = parse_config(output / name / "config.pbtxt")
+        assert config.platform == "tensorrt_plan" and not config.backend
+        assert sorted(p.name for p in (output / name / "1").iterdir()) == ["model.plan"]
+        reference = parse_config(model_repository / name / "config.pbtxt")
+        assert list(config.input) == list(reference.input) and list(config.output) == list(reference.output)
+    pipeline = parse_config(output / "wan_pipeline" / "config.pbtxt")
+    assert pipeline.parameters["backend"].string_value == "tensorrt"
+    assert pipeline.parameters["max_height"].string_value == "256"
+    assert not (output / ".onnx").exists()
