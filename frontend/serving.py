@@ -18,7 +18,7 @@ from typing import Any
 from frontend.files import FileMissing, Folder, PathOutsideRoot, contained_path
 from frontend.metrics import Metrics
 from frontend.protocol import (
-    MODEL_FIELDS, ModelInfo, ParameterError, ServiceMetadata, ServiceStatus, TaskRecord, TaskRequest,
+    MODEL_FIELDS, ModelInfo, ParameterError, Progress, ServiceMetadata, ServiceStatus, TaskRecord, TaskRequest,
     TaskResponse, TaskStatus, generate_task_id, resolve_parameters, task_id_problem,
 )
 from frontend.settings import Settings
@@ -45,25 +45,29 @@ class TritonExecutor:
     def ready(self) -> bool:
         return self._service.ready
 
-    async def run(self, record: TaskRecord, on_progress: ProgressCallback) -> Execution:
-        service = self._service
-        info = service.model_info
+    def prepare(self, record: TaskRecord) -> dict[str, Any]:
+        """Every model field with its value, checked against the model's limits as they are now."""
+        info = self._service.model_info
         if info is None:
             raise ExecutionError("model server unavailable (no model config yet)")
         try:
-            used = resolve_parameters(record.message, info, service.settings.parameter_overrides())
+            return resolve_parameters(record.message, info, self._service.settings.parameter_overrides())
         except ParameterError as error:
             raise ExecutionError(str(error)) from None
-        inputs = {"prompt": record.message.get("prompt", ""),
-                  "negative_prompt": record.message.get("negative_prompt", ""),
+
+    async def run(self, record: TaskRecord, on_progress: ProgressCallback) -> Execution:
+        used = self.prepare(record)
+        message = record.message
+        inputs = {"prompt": message.get("prompt", ""), "negative_prompt": message.get("negative_prompt", ""),
                   "seed": used["seed"], "num_inference_steps": used["infer_steps"],
                   "num_frames": used["target_video_length"], "height": used["height"], "width": used["width"],
                   "guidance_scale": used["guidance_scale"], "shift": used["sample_shift"], "fps": used["fps"]}
+        await on_progress(0, used["infer_steps"])
         try:
-            generation = await service.client.generate(inputs, on_progress, request_id=record.task_id)
+            generation = await self._service.client.generate(inputs, on_progress, request_id=record.task_id)
         except PipelineError as error:
             if error.unavailable:
-                service.mark_unavailable()
+                self._service.mark_unavailable()
             raise ExecutionError(str(error)) from None
         metadata = generation.metadata
         if isinstance(metadata.get("num_frames"), int):
@@ -176,6 +180,7 @@ class VideoService:
             message.update(resolve_parameters(message, self.model_info, self.settings.parameter_overrides()))
         await asyncio.to_thread(self._check_save_path, message["save_video_path"])
         record = TaskRecord(task_id=task_id, status=TaskStatus.PENDING, message=message,
+                            progress=Progress(step=0, total_steps=message["infer_steps"] or 0),
                             created_at=utc_now(), save_video_path=message["save_video_path"])
         record = await self._manager().submit(record)
         return TaskResponse(task_id=task_id, task_status=record.status, save_video_path=record.save_video_path)
@@ -240,7 +245,7 @@ class VideoService:
     def status(self) -> ServiceStatus:
         manager = self._manager()
         running = manager.running_records()
-        idle = self.ready and not running and manager.would_start_now()
+        idle = self.ready and manager.would_start_now()  # a new task would start at once
         first = running[0] if running else None
         return ServiceStatus(service_status="idle" if idle else "busy",
                              task_id=first.task_id if first else None,

@@ -4,7 +4,7 @@ Plain asyncio; nothing here knows about HTTP or Triton. The work itself is an `E
 pipeline in production, a fake in unit tests); records go to a `TaskStore`; results to a `Folder`.
 
 State machine:  pending -> processing -> completed | failed | cancelled
-                pending -> cancelled (removed from the queue) | failed (recovery never does this)
+                pending -> cancelled (removed from the queue)
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ INTERRUPTED_AT_SHUTDOWN = "interrupted: the server shut down while this task was
 CANCELLED_BY_REQUEST = "cancelled by request"
 
 _ALLOWED = {
-    TaskStatus.PENDING: {TaskStatus.PROCESSING, TaskStatus.CANCELLED, TaskStatus.FAILED},
+    TaskStatus.PENDING: {TaskStatus.PROCESSING, TaskStatus.CANCELLED},
     TaskStatus.PROCESSING: {TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED},
 }
 
@@ -57,6 +57,10 @@ class Executor(Protocol):
     @property
     def ready(self) -> bool:
         """True when a task started now would run (the model server is up)."""
+
+    def prepare(self, record: TaskRecord) -> dict[str, Any]:
+        """When the task starts: the message fields to fill in (defaults known only now); ExecutionError if
+        the task cannot run as asked."""
 
     async def run(self, record: TaskRecord, on_progress: ProgressCallback) -> Execution:
         """Generate the task's video; raise ExecutionError on failure. Cancelled by cancelling the caller."""
@@ -292,7 +296,8 @@ class TaskManager:
             now = time.monotonic()
             if last_step_at is not None and step > record.progress.step:
                 self.metrics.step_seconds.observe(now - last_step_at)
-            last_step_at = now
+            if step >= 1:  # step 1 also carries the text encoding: time from it onwards
+                last_step_at = now
             record.progress = Progress(step=step, total_steps=total_steps)
             if now - last_saved_at >= self._persist_interval:
                 last_saved_at = now
@@ -301,6 +306,7 @@ class TaskManager:
         log.info("task started", extra={"task_id": task_id})
         outcome, error = TaskStatus.COMPLETED, None
         try:
+            record.message.update(self._executor.prepare(record))
             await self._persist(record)
             execution = await self._executor.run(record.model_copy(deep=True), on_progress)
             self._finishing.add(task_id)

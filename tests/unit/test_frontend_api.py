@@ -90,6 +90,19 @@ def test_service_status_is_busy_while_a_task_runs_and_idle_after(app):
     assert app.client.get("/v1/service/status").json()["service_status"] == "idle"
 
 
+def test_with_two_slots_the_service_is_idle_while_one_slot_is_free(tmp_path):
+    with AppHarness(tmp_path, slots=2) as app:
+        app.fake.step_delay_s = 0.02
+        first = app.client.post("/v1/tasks/", json={"infer_steps": 300}).json()["task_id"]
+        status = app.client.get("/v1/service/status").json()
+        assert status["service_status"] == "idle" and status["task_id"] == first
+        second = app.client.post("/v1/tasks/", json={"infer_steps": 300}).json()
+        assert second["task_status"] == "processing"
+        assert app.client.get("/v1/service/status").json()["service_status"] == "busy"
+        app.client.delete(f"/v1/tasks/{first}")
+        app.client.delete(f"/v1/tasks/{second['task_id']}")
+
+
 def test_stop_running_cancels_within_a_step_and_the_next_task_runs(app):
     assert app.client.delete("/v1/tasks/running").json() == {"stop_status": "do_nothing",
                                                              "reason": "No running task found."}

@@ -32,7 +32,13 @@ class FakeExecutor:
         self.running = 0
         self.max_running = 0
 
+    def prepare(self, record: TaskRecord) -> dict:
+        if record.message.get("unrunnable"):
+            raise ExecutionError("height: must be a multiple of 16 in 64..512, got 32")
+        return {"prepared": True}
+
     async def run(self, record: TaskRecord, on_progress) -> Execution:
+        assert record.message["prepared"] is True
         self.started.append(record.task_id)
         self.running += 1
         self.max_running = max(self.max_running, self.running)
@@ -276,6 +282,19 @@ def test_executor_error_fails_the_task_with_a_one_line_error_and_the_next_runs(t
         assert bad.status is TaskStatus.FAILED and bad.success is False
         assert bad.error == "model said no second line"
         assert (await wait_finished(manager, "good")).status is TaskStatus.COMPLETED
+        await shutdown(manager)
+
+    run(scenario())
+
+
+def test_a_task_that_cannot_run_as_asked_fails_when_it_starts(tmp_path):
+    async def scenario():
+        executor = FakeExecutor()
+        manager = await make_manager(tmp_path, executor)
+        await manager.submit(new_record("unrunnable", unrunnable=True))
+        record = await wait_finished(manager, "unrunnable")
+        assert record.status is TaskStatus.FAILED and record.error.startswith("height:")
+        assert executor.started == []
         await shutdown(manager)
 
     run(scenario())

@@ -158,6 +158,18 @@ def test_a_long_prompt_is_fine_but_a_huge_body_is_413(app, tmp_path):
     assert_clean_error(app.client.post("/v1/tasks/", json={"prompt": "cat " * 20000}), 413, tmp_path)
 
 
+def test_a_streamed_body_over_the_limit_is_413(app, tmp_path):
+    def chunks():
+        for _ in range(100):
+            yield b"x" * (8 << 10)
+
+    response = app.client.post("/v1/tasks/", content=chunks(), headers={"content-type": "application/json"})
+    assert_clean_error(response, 413, tmp_path)
+    response = app.client.post("/v1/tasks/form", content=chunks(),
+                               headers={"content-type": "multipart/form-data; boundary=zz"})
+    assert_clean_error(response, 413, tmp_path)
+
+
 def test_a_body_that_is_not_json_or_not_an_object_is_422(app, tmp_path):
     response = app.client.post("/v1/tasks/", content=b"{not json", headers={"content-type": "application/json"})
     assert_clean_error(response, 422, tmp_path)
