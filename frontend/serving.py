@@ -29,6 +29,7 @@ from frontend.triton_client import PipelineError, TritonPipelineClient
 log = logging.getLogger("frontend.serving")
 
 I2V_NOT_SERVED = "image-to-video is not available: the served model is text-to-video (leave image_path empty)"
+I2V_NOT_SUPPORTED = "image-to-video is not available: this front end does not support image inputs yet"
 
 
 class RequestRejected(ValueError):
@@ -171,7 +172,8 @@ class VideoService:
             raise RequestRejected(problem)
         if image is not None or request.image_path:
             await self._check_image(request.image_path, image)
-            raise RequestRejected(I2V_NOT_SERVED)
+            kind = self.model_info.model_kind if self.model_info else None
+            raise RequestRejected(I2V_NOT_SUPPORTED if kind == "i2v" else I2V_NOT_SERVED)
         message = {"task_id": task_id, "prompt": request.prompt, "negative_prompt": request.negative_prompt,
                    "image_path": request.image_path,
                    "save_video_path": request.save_video_path or f"{task_id}.mp4"}

@@ -216,6 +216,19 @@ def test_openapi_docs_are_served(app):
     assert "/v1/tasks/" in schema["paths"] and "/v1/tasks/{task_id}/result" in schema["paths"]
 
 
+def test_logs_name_the_task_in_text_and_json(tmp_path):
+    import json
+    import logging
+
+    from frontend.__main__ import JsonFormatter, TextFormatter
+
+    record = logging.makeLogRecord({"name": "frontend.tasks", "levelname": "INFO", "msg": "task started",
+                                    "task_id": "T-1"})
+    assert "[task=T-1] task started" in TextFormatter("%(name)s%(task_tag)s %(message)s").format(record)
+    entry = json.loads(JsonFormatter().format(record))
+    assert entry["task_id"] == "T-1" and entry["message"] == "task started" and entry["level"] == "INFO"
+
+
 # ---- settings ---------------------------------------------------------------------------------------
 
 
