@@ -1,6 +1,7 @@
 """API validation rules through real uvicorn (its own path decoding and body handling): the right 4xx, one-line
 `detail` without server paths, and nothing written outside the data folder. (Each rule also has a unit test
-in tests/unit/test_frontend_validation.py and test_frontend_files.py.)"""
+in tests/unit/test_frontend_validation.py and test_frontend_files.py; this file has its own name because
+pytest imports test modules by basename.)"""
 
 from __future__ import annotations
 
