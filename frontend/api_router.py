@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
 
+from frontend.images import ImageTooLarge, read_upload
 from frontend.protocol import (
     ServiceMetadata, ServiceStatus, StopResponse, TaskRecord, TaskRequest, TaskResponse, TaskStatus,
 )
@@ -45,11 +46,18 @@ async def create_task_form(request: Request, service: Service) -> TaskResponse:
     """The same fields as form parts; `image_file` optional (image-to-video)."""
     if not request.headers.get("content-type", "").startswith(FORM_TYPES):
         raise RequestRejected("expected a multipart/form-data body")
-    form = await request.form(max_files=4, max_fields=64)
-    image = form.get("image_file")
-    image_bytes = await image.read() if isinstance(image, UploadFile) and image.filename else None
-    fields = {key: value for key, value in form.multi_items() if isinstance(value, str)}
-    return await service.create_task(TaskRequest.from_form(fields), image=image_bytes or None)
+    async with request.form(max_files=4, max_fields=64) as form:  # closing it removes spooled upload files
+        image = form.get("image_file")
+        image_bytes = None
+        if isinstance(image, UploadFile) and image.filename:  # browsers send an unnamed empty part for "no file"
+            try:
+                image_bytes = await read_upload(image, service.settings.max_image_bytes)
+            except ImageTooLarge as error:
+                raise HTTPException(413, str(error)) from None
+            if not image_bytes:
+                raise RequestRejected("image_file is empty")
+        fields = {key: value for key, value in form.multi_items() if isinstance(value, str)}
+    return await service.create_task(TaskRequest.from_form(fields), image=image_bytes)
 
 
 @router.get("/v1/tasks/", response_model=dict[str, TaskRecord])

@@ -8,14 +8,12 @@ exceptions (`RequestRejected` -> 400, `ParameterError` -> 422, `tasks.*Error`, `
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
-import io
 import logging
-from typing import Any
+from typing import Any, Mapping
 
-from frontend.files import FileMissing, Folder, PathOutsideRoot, contained_path
+from frontend.files import Folder, PathOutsideRoot, contained_path
+from frontend.images import ImageInputs, ImageRejected, ResolvedImage, derive_size
 from frontend.metrics import Metrics
 from frontend.protocol import (
     MODEL_FIELDS, ModelInfo, ParameterError, Progress, ServiceMetadata, ServiceStatus, TaskRecord, TaskRequest,
@@ -29,7 +27,8 @@ from frontend.triton_client import PipelineError, TritonPipelineClient
 log = logging.getLogger("frontend.serving")
 
 I2V_NOT_SERVED = "image-to-video is not available: the served model is text-to-video (leave image_path empty)"
-I2V_NOT_SUPPORTED = "image-to-video is not available: this front end does not support image inputs yet"
+I2V_NEEDS_IMAGE = ("the served model is image-to-video: give an image (image_path, or image_file on "
+                   "/v1/tasks/form); an empty image_path means text-to-video, which this model cannot do")
 
 
 class RequestRejected(ValueError):
@@ -51,9 +50,18 @@ class TritonExecutor:
         info = self._service.model_info
         if info is None:
             raise ExecutionError("model server unavailable (no model config yet)")
+        message, overrides = record.message, self._service.settings.parameter_overrides()
+        image_path = message.get("image_path") or ""
+        if image_path and info.model_kind != "i2v":  # queued before the model's kind was known
+            raise ExecutionError(I2V_NOT_SERVED)
+        if not image_path and info.model_kind == "i2v":
+            raise ExecutionError(I2V_NEEDS_IMAGE)
         try:
-            return resolve_parameters(record.message, info, self._service.settings.parameter_overrides())
-        except ParameterError as error:
+            if image_path and (message.get("height") is None or message.get("width") is None):
+                width, height = self._service.images.size(image_path)
+                message = {**message, **image_size_fields(message, info, overrides, width, height)}
+            return resolve_parameters(message, info, overrides)
+        except (ParameterError, ImageRejected) as error:
             raise ExecutionError(str(error)) from None
 
     async def run(self, record: TaskRecord, on_progress: ProgressCallback) -> Execution:
@@ -63,6 +71,11 @@ class TritonExecutor:
                   "seed": used["seed"], "num_inference_steps": used["infer_steps"],
                   "num_frames": used["target_video_length"], "height": used["height"], "width": used["width"],
                   "guidance_scale": used["guidance_scale"], "shift": used["sample_shift"], "fps": used["fps"]}
+        if message.get("image_path"):
+            try:
+                inputs["image"] = await asyncio.to_thread(self._service.images.load_rgb, message["image_path"])
+            except ImageRejected as error:
+                raise ExecutionError(str(error)) from None
         await on_progress(0, used["infer_steps"])
         try:
             generation = await self._service.client.generate(inputs, on_progress, request_id=record.task_id)
@@ -83,6 +96,7 @@ class VideoService:
         self.metrics = metrics or Metrics()
         self.outputs = Folder(settings.output_dir)
         self.inputs = Folder(settings.input_dir)
+        self.images = ImageInputs.from_settings(settings)
         self.client = client or TritonPipelineClient(settings.triton_url, settings.model_name,
                                                      settings.task_timeout)
         self._store = store
@@ -170,21 +184,30 @@ class VideoService:
         problem = task_id_problem(task_id)
         if problem:
             raise RequestRejected(problem)
-        if image is not None or request.image_path:
-            await self._check_image(request.image_path, image)
-            kind = self.model_info.model_kind if self.model_info else None
-            raise RequestRejected(I2V_NOT_SUPPORTED if kind == "i2v" else I2V_NOT_SERVED)
+        image_input = await self._resolve_image(request.image_path, image)
         message = {"task_id": task_id, "prompt": request.prompt, "negative_prompt": request.negative_prompt,
                    "image_path": request.image_path,
                    "save_video_path": request.save_video_path or f"{task_id}.mp4"}
         message.update({name: getattr(request, name) for name in MODEL_FIELDS})
         if self.model_info is not None:  # else resolved when the task starts, once Triton is back
-            message.update(resolve_parameters(message, self.model_info, self.settings.parameter_overrides()))
+            overrides = self.settings.parameter_overrides()
+            if image_input is not None:
+                message.update(image_size_fields(message, self.model_info, overrides, image_input.info.width,
+                                                 image_input.info.height))
+            message.update(resolve_parameters(message, self.model_info, overrides))
         await asyncio.to_thread(self._check_save_path, message["save_video_path"])
+        stored = None
+        if image_input is not None:  # every check passed: only now does the image reach the disk
+            stored = message["image_path"] = await self.images.store(image_input, task_id)
         record = TaskRecord(task_id=task_id, status=TaskStatus.PENDING, message=message,
                             progress=Progress(step=0, total_steps=message["infer_steps"] or 0),
                             created_at=utc_now(), save_video_path=message["save_video_path"])
-        record = await self._manager().submit(record)
+        try:
+            record = await self._manager().submit(record)
+        except BaseException:  # refused (duplicate id, queue full, busy) or the client went away
+            if stored is not None:
+                await asyncio.shield(self.images.discard(image_input, stored))
+            raise
         return TaskResponse(task_id=task_id, task_status=record.status, save_video_path=record.save_video_path)
 
     def _check_save_path(self, relative: str) -> None:
@@ -193,34 +216,22 @@ class VideoService:
         except PathOutsideRoot:
             raise ParameterError("save_video_path: must stay inside the output folder") from None
 
-    async def _check_image(self, image_path: str, upload: bytes | None) -> None:
-        """Raise RequestRejected unless the image input names/carries a decodable image."""
-        if upload is not None:
-            await asyncio.to_thread(_verify_image, upload)
-            return
-        if image_path.startswith(("http://", "https://")):
-            if not self.settings.allow_url_fetch:
-                raise RequestRejected("image_path URLs are disabled on this server (upload the image instead)")
-            return  # fetched and checked by the image-to-video path, when one is served
-        if image_path.startswith("data:"):
-            header, _, payload = image_path.partition(",")
-            if not header.startswith("data:image/") or ";base64" not in header:
-                raise RequestRejected("image_path data URI must be data:image/...;base64,...")
-            await asyncio.to_thread(_verify_image, _b64decode(payload))
-            return
-        try:
-            await self.inputs.find(image_path)
-            return
-        except PathOutsideRoot:
-            raise RequestRejected("image_path must name a file inside the input folder") from None
-        except FileMissing:
-            pass
-        try:
-            data = _b64decode(image_path)
-        except RequestRejected:
-            raise RequestRejected("image_path is neither a file in the input folder nor base64 image data") \
-                from None
-        await asyncio.to_thread(_verify_image, data)
+    async def _resolve_image(self, image_path: str, upload: bytes | None) -> ResolvedImage | None:
+        """The checked image input of a request (nothing stored yet), None for text-to-video; RequestRejected
+        when the image is bad or does not fit the served model (t2v: no image; i2v: an image is required).
+        While the model is unknown (Triton down) an image is accepted and the task checked when it starts."""
+        kind = self.model_info.model_kind if self.model_info else None
+        if upload is None and not image_path:
+            if kind == "i2v":
+                raise RequestRejected(I2V_NEEDS_IMAGE)
+            return None
+        try:  # a t2v server still says what is wrong with a bad image, but fetches no URL
+            image_input = await self.images.resolve(image_path, upload, fetch=kind != "t2v")
+        except ImageRejected as error:
+            raise RequestRejected(str(error)) from None
+        if kind == "t2v":
+            raise RequestRejected(I2V_NOT_SERVED)
+        return image_input
 
     async def get_task(self, task_id: str) -> TaskRecord | None:
         return await self._manager().get(task_id)
@@ -266,28 +277,26 @@ class VideoService:
                       "max_infer_steps": min(1000, info.max_num_inference_steps),
                       "height_multiple": 16, "target_video_length_rule": "4k+1",
                       "max_queue_size": self.settings.max_queue_size, "slots": self.settings.slots}
+            if info.model_kind == "i2v":
+                limits.update(max_image_bytes=self.settings.max_image_bytes,
+                              max_image_pixels=self.settings.max_image_pixels,
+                              image_url_fetch=self.settings.allow_url_fetch)
+        image_inputs = ["image_path", "image_file"] if info is not None and info.model_kind == "i2v" else []
         return ServiceMetadata(
             model_name=info.model_name if info else None, model_kind=info.model_kind if info else None,
             backend=info.backend if info else None, triton_model=self.settings.model_name, ready=self.ready,
             defaults=defaults, limits=limits,
-            supported_inputs=["prompt", "negative_prompt", *MODEL_FIELDS, "save_video_path", "task_id"])
+            supported_inputs=["prompt", "negative_prompt", *image_inputs, *MODEL_FIELDS, "save_video_path",
+                              "task_id"])
 
 
-def _b64decode(text: str) -> bytes:
-    try:
-        data = base64.b64decode("".join(text.split()), validate=True)
-    except (binascii.Error, ValueError):
-        raise RequestRejected("image data is not valid base64") from None
-    if not data:
-        raise RequestRejected("image data is empty")
-    return data
-
-
-def _verify_image(data: bytes) -> None:
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.verify()
-    except Exception:  # untrusted bytes: any decoder complaint (incl. decompression bombs) is a bad image
-        raise RequestRejected("image does not decode as an image") from None
+def image_size_fields(message: Mapping[str, Any], info: ModelInfo, overrides: Mapping[str, Any],
+                      image_width: int, image_height: int) -> dict[str, int]:
+    """`height` and `width` for an image-to-video task: the requested ones, a missing one derived from the
+    conditioning image's aspect ratio (both missing: about the default area, as Wan's `max_area`)."""
+    height, width = derive_size(
+        image_width, image_height, height=message.get("height"), width=message.get("width"),
+        default_height=overrides.get("height") or info.default_height,
+        default_width=overrides.get("width") or info.default_width, min_height=info.min_height,
+        max_height=info.max_height, min_width=info.min_width, max_width=info.max_width)
+    return {"height": height, "width": width}

@@ -36,6 +36,15 @@ class Settings:
         "help": "multipart (/v1/tasks/form) body limit, image included (413 beyond)"})
     allow_url_fetch: bool = field(default=False, metadata={
         "help": "accept http(s) URLs as image_path (off by default: SSRF)"})
+    max_image_bytes: int = field(default=10 << 20, metadata={
+        "help": "largest image input (upload, base64 or fetched), bytes (upload: 413 beyond, else 400)"})
+    max_image_pixels: int = field(default=4096 * 4096, metadata={
+        "help": "largest image input, width x height (decompression-bomb guard)"})
+    url_fetch_timeout: float = field(default=10.0, metadata={
+        "help": "limit on fetching one image URL, redirects included, seconds"})
+    url_fetch_allow_networks: str = field(default="", metadata={
+        "help": "comma-separated networks (CIDR) that URL fetching may reach although private, e.g. an internal "
+                "image store; every other private, loopback, link-local or reserved address stays refused"})
     default_infer_steps: int | None = field(default=None, metadata={
         "help": "override the model's default number of denoising steps"})
     default_target_video_length: int | None = field(default=None, metadata={
@@ -142,4 +151,13 @@ def validate(settings: Settings) -> list[str]:
         problems.append("--log-format must be text or json")
     if settings.max_request_bytes < 1024 or settings.max_upload_bytes < 1024:
         problems.append("body limits must be at least 1024 bytes")
+    if settings.max_image_bytes < 1024 or settings.max_image_pixels < 1 or settings.url_fetch_timeout <= 0:
+        problems.append("--max-image-bytes must be at least 1024, --max-image-pixels and --url-fetch-timeout "
+                        "above 0")
+    try:
+        from frontend.images import parse_networks
+
+        parse_networks(settings.url_fetch_allow_networks)
+    except ValueError as error:
+        problems.append(f"--url-fetch-allow-networks: {error}")
     return problems

@@ -42,9 +42,9 @@ CHANNEL_ARGS = [
 INPUT_TYPES = {
     "prompt": "BYTES", "negative_prompt": "BYTES", "seed": "INT64", "num_inference_steps": "INT32",
     "num_frames": "INT32", "height": "INT32", "width": "INT32", "fps": "INT32", "guidance_scale": "FP32",
-    "shift": "FP32",
+    "shift": "FP32", "image": "UINT8",
 }
-_NUMPY_TYPES = {"BYTES": np.object_, "INT64": np.int64, "INT32": np.int32, "FP32": np.float32}
+_NUMPY_TYPES = {"BYTES": np.object_, "INT64": np.int64, "INT32": np.int32, "FP32": np.float32, "UINT8": np.uint8}
 
 ProgressCallback = Callable[[int, int], Awaitable[None]]
 
@@ -64,10 +64,17 @@ class Generation:
 
 
 def build_inputs(values: dict[str, Any]) -> list[InferInput]:
-    """Triton tensors of shape [1] for the given pipeline inputs (names as in INPUT_TYPES)."""
+    """Triton tensors for the given pipeline inputs (names as in INPUT_TYPES): shape [1] for scalars, the array's
+    own shape for arrays (`image`: RGB uint8 [H, W, 3])."""
     inputs = []
     for name, value in values.items():
         datatype = INPUT_TYPES[name]
+        if isinstance(value, np.ndarray):
+            array = np.ascontiguousarray(value, dtype=_NUMPY_TYPES[datatype])
+            tensor = InferInput(name, list(array.shape), datatype)
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+            continue
         if datatype == "BYTES":
             array = np.array([str(value).encode("utf-8")], dtype=np.object_)
         else:
