@@ -269,14 +269,12 @@ def inspect_image(data: bytes, max_pixels: int) -> ImageInfo:
 
 
 def to_rgb(image) -> np.ndarray:
-    """RGB uint8 [H, W, 3] of a Pillow image: EXIF orientation applied, transparency over white."""
-    from PIL import Image, ImageOps
+    """RGB uint8 [H, W, 3] of a Pillow image as diffusers' `load_image` prepares one (EXIF orientation applied,
+    then `convert("RGB")`: alpha dropped, palette and greyscale expanded), so the pipeline sees what a
+    diffusers user's would."""
+    from PIL import ImageOps
 
     image = ImageOps.exif_transpose(image)
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
     return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
 
 

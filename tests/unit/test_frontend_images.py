@@ -186,11 +186,15 @@ def test_exif_orientation_is_applied_to_the_size_and_the_pixels():
         assert to_rgb(image).shape == (40, 24, 3)
 
 
-def test_to_rgb_puts_transparency_over_white_and_gives_uint8_hwc():
-    rgba = Image.new("RGBA", (4, 2), (10, 20, 30, 0))
-    pixels = to_rgb(rgba)
-    assert pixels.shape == (2, 4, 3) and pixels.dtype == np.uint8 and (pixels == 255).all()
-    assert (to_rgb(Image.new("L", (3, 3), 7)) == 7).all()
+def test_to_rgb_gives_uint8_hwc_as_diffusers_load_image_does():
+    from diffusers.utils import load_image
+
+    for image in (Image.new("RGBA", (4, 2), (10, 20, 30, 0)), Image.new("L", (3, 3), 7),
+                  Image.new("P", (5, 3), 2), gradient(6, 4)):
+        pixels = to_rgb(image)
+        assert pixels.dtype == np.uint8 and pixels.shape == (image.height, image.width, 3)
+        assert np.array_equal(pixels, np.asarray(load_image(image)))
+    assert (to_rgb(Image.new("RGBA", (4, 2), (10, 20, 30, 0))) == [10, 20, 30]).all()  # alpha dropped
 
 
 # ---- stored inputs ----------------------------------------------------------------------------------
