@@ -1,19 +1,25 @@
 #!/usr/bin/env python
-"""Build a Triton model repository from a diffusers Wan text-to-video checkpoint.
+"""Build a Triton model repository from a diffusers Wan2.1 text-to-video or image-to-video checkpoint.
 
+The kind comes from the checkpoint's model_index.json (WanPipeline: t2v, WanImageToVideoPipeline: i2v).
 Exports the text encoder, the DiT and the VAE decoder (first-frame and step graphs with explicit
-causal-conv caches) to ONNX, checks every graph against PyTorch at shapes other than the traced ones,
-then either serves the graphs with ONNX Runtime (Triton Python backend; CPU, or CUDA when available) or
-builds TensorRT engines from them. Writes every config.pbtxt and the run-time assets (tokenizer, scheduler
-config, pipeline.json), so the repository is self-contained and can be moved.
+causal-conv caches) to ONNX - for i2v also the CLIP image encoder and the VAE encoder (first-frame
+conditioning; first/step graphs like the decoder) - checks every graph against PyTorch at shapes other than
+the traced ones, then either serves the graphs with ONNX Runtime (Triton Python backend; CPU, or CUDA when
+available) or builds TensorRT engines from them. Writes every config.pbtxt and the run-time assets
+(tokenizer, scheduler config, pipeline.json; i2v: image_processor), so the repository is self-contained and
+can be moved.
 
 Re-running with the same checkpoint, options and exporter source is a no-op (see build_info.json in the
-output); --force rebuilds. An interrupted or failed build leaves the previous repository as it was.
+output); an edited wan_pipeline BLS source is re-copied without re-exporting; --force rebuilds. An
+interrupted or failed build leaves the previous repository as it was.
 
 examples:
   python export/build_engines.py                                  # tiny random-weight model -> model_repository/
+  python export/build_engines.py --tiny-kind i2v --output .cache/i2v_repository   # tiny image-to-video model
   python export/build_engines.py --checkpoint ~/Wan2.1-T2V-1.3B-Diffusers --output /srv/wan_repo \\
       --backend tensorrt --precision bf16 --max-height 480 --max-width 832
+  python export/build_engines.py --checkpoint ~/Wan2.1-I2V-14B-480P-Diffusers --output /srv/wan_i2v
 """
 
 from __future__ import annotations
@@ -31,9 +37,9 @@ import time
 from dataclasses import asdict, dataclass
 
 from export.checkpoint import (DEFAULT_CHECKPOINT, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_NUM_FRAMES,
-                               DEFAULT_MAX_SIDE, DEFAULT_MAX_TEXT_LENGTH, DEFAULT_MIN_SIDE, REPO_ROOT, BuildError,
-                               Checkpoint, ServingDefaults, ShapeLimits, default_checkpoint, load_checkpoint,
-                               resolve_defaults, resolve_limits)
+                               DEFAULT_MAX_SIDE, DEFAULT_MAX_TEXT_LENGTH, DEFAULT_MIN_SIDE, REPO_ROOT,
+                               TINY_CHECKPOINTS, BuildError, Checkpoint, ServingDefaults, ShapeLimits,
+                               default_checkpoint, load_checkpoint, resolve_defaults, resolve_limits)
 from export import repository
 
 BACKENDS = ("onnxruntime", "tensorrt")
@@ -45,9 +51,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="build_engines.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=None, metavar="DIR",
-                        help="diffusers-format Wan text-to-video checkpoint (model_index.json: WanPipeline). "
+                        help="diffusers-format Wan2.1 checkpoint; its model_index.json decides the kind: "
+                             "WanPipeline = text-to-video (t2v), WanImageToVideoPipeline = image-to-video (i2v). "
                              f"Default: the embedded tiny random-weight checkpoint, generated into "
                              f"{DEFAULT_CHECKPOINT.relative_to(REPO_ROOT)}/ on first use")
+    parser.add_argument("--tiny-kind", choices=tuple(TINY_CHECKPOINTS), default=None,
+                        help="without --checkpoint: which embedded tiny random-weight checkpoint to build. t2v "
+                             "(default) or i2v, a WanImageToVideoPipeline generated into "
+                             f"{TINY_CHECKPOINTS['i2v'].relative_to(REPO_ROOT)}/ on first use")
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "model_repository", metavar="DIR",
                         help="model repository to write (default: model_repository/ of this repo; any other "
                              "folder also gets a copy of the wan_pipeline BLS source)")
@@ -58,7 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "onnxruntime")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="DiT precision on the tensorrt backend (auto = bf16); the text encoder (umT5 "
-                             "overflows fp16) and the VAE stay fp32. The onnxruntime backend is fp32 only")
+                             "overflows fp16), the VAE and (i2v) the image encoder stay fp32. The onnxruntime backend is fp32 "
+                             "only")
     parser.add_argument("--model-name", default=None,
                         help="name reported by the wan_pipeline model (default: the checkpoint folder's name)")
     parser.add_argument("--force", action="store_true", help="rebuild even if the output is up to date")
@@ -112,15 +124,15 @@ def resolve_backend(requested: str | None) -> str:
     return "tensorrt" if tensorrt_available() else "onnxruntime"
 
 
-def resolve_precisions(backend: str, precision: str) -> dict[str, str]:
+def resolve_precisions(backend: str, precision: str, kind: str = "t2v") -> dict[str, str]:
     if backend == "onnxruntime":
         if precision not in ("auto", "fp32"):
             raise BuildError(f"--precision {precision} applies to the tensorrt backend; the onnxruntime backend "
                              "serves fp32 graphs")
-        return {name: "fp32" for name in repository.COMPONENT_MODELS}
+        return {name: "fp32" for name in repository.component_models(kind)}
     from export.tensorrt_engines import component_precisions
 
-    return component_precisions(precision)
+    return component_precisions(precision, kind)
 
 
 def package_versions() -> dict[str, str]:
@@ -155,15 +167,18 @@ class BuildPlan:
 
 def plan_build(args: argparse.Namespace) -> BuildPlan:
     """Checkpoint, defaults, limits and backend, all checked before anything slow happens."""
-    checkpoint = load_checkpoint(args.checkpoint if args.checkpoint is not None else default_checkpoint(),
-                                 args.model_name)
+    if args.checkpoint is not None and args.tiny_kind is not None:
+        raise BuildError("--tiny-kind picks an embedded tiny checkpoint; with --checkpoint the kind comes from its "
+                         "model_index.json - give one or the other")
+    checkpoint = load_checkpoint(args.checkpoint if args.checkpoint is not None
+                                 else default_checkpoint(args.tiny_kind or "t2v"), args.model_name)
     defaults = resolve_defaults(checkpoint, _pick(args, "default_", [
         "height", "width", "num_frames", "num_inference_steps", "guidance_scale", "shift", "fps"]))
     limits = resolve_limits(checkpoint, defaults, _pick(args, "", [
         "min_height", "max_height", "min_width", "max_width", "max_num_frames", "max_text_length",
         "max_batch_size"]))
     backend = resolve_backend(args.backend)
-    precisions = resolve_precisions(backend, args.precision)
+    precisions = resolve_precisions(backend, args.precision, checkpoint.kind)
     if backend == "tensorrt":
         from export.tensorrt_engines import require_tensorrt
 
@@ -178,7 +193,7 @@ def plan_build(args: argparse.Namespace) -> BuildPlan:
         options["workspace_gib"] = args.workspace_gib
     checkpoint_record = repository.hash_checkpoint(checkpoint.path,
                                                    repository.read_build_info(output).get("checkpoint_files"))
-    digest = repository.fingerprint(checkpoint_record, options, repository.source_hash(copy_source))
+    digest = repository.fingerprint(checkpoint_record, options, repository.source_hash())
     return BuildPlan(checkpoint, defaults, limits, backend, precisions, output, copy_source, options,
                      checkpoint_record, digest)
 
@@ -188,16 +203,23 @@ def build(args: argparse.Namespace) -> int:
     plan = plan_build(args)
     up_to_date = (f"{plan.output} is up to date ({plan.checkpoint.path.name}, {plan.backend}); nothing to do "
                   "(--force rebuilds)")
-    if not args.force and repository.is_up_to_date(plan.output, plan.digest):
+    if not args.force and repository.is_up_to_date(plan.output, plan.digest) and \
+            repository.pipeline_source_is_current(plan.output, plan.copy_source):
         print(up_to_date)
         return 0
     with repository.build_lock(plan.output, on_wait=lambda: print(f"waiting for another build of {plan.output}")):
-        if not args.force and repository.is_up_to_date(plan.output, plan.digest):  # the other build made it
-            print(up_to_date)
+        if not args.force and repository.is_up_to_date(plan.output, plan.digest):  # maybe the other build made it
+            if repository.pipeline_source_is_current(plan.output, plan.copy_source):
+                print(up_to_date)
+            else:  # only the BLS source changed: no graph needs re-exporting
+                copied = repository.refresh_pipeline_source(plan.output)
+                print(f"{plan.output}: graphs up to date; copied the changed {repository.PIPELINE_MODEL} source "
+                      f"({', '.join(copied)})")
             return 0
         repository.remove_stale_staging(plan.output)
         export_and_install(args, plan)
-    print(f"wrote {plan.output} ({plan.backend}: {', '.join(repository.COMPONENT_MODELS)}, "
+    models = repository.component_models(plan.checkpoint.kind)
+    print(f"wrote {plan.output} ({plan.checkpoint.kind}, {plan.backend}: {', '.join(models)}, "
           f"{repository.PIPELINE_MODEL}) in {time.monotonic() - started:.0f} s")
     return 0
 
@@ -221,6 +243,8 @@ def export_and_install(args: argparse.Namespace, plan: BuildPlan) -> None:
     spatial, temporal = checkpoint.vae_scale_factor_spatial, checkpoint.vae_scale_factor_temporal
     graphs: dict[str, onnx_graphs.ExportedGraph] = {}
     vae_result: list[onnx_graphs.VaeExport] = []
+    vae_encoder_result: list[onnx_graphs.VaeEncoderExport] = []
+    models = repository.component_models(checkpoint.kind)
 
     with repository.staging_dir(output) as staging:
         onnx_dir = staging / ".onnx"
@@ -231,7 +255,8 @@ def export_and_install(args: argparse.Namespace, plan: BuildPlan) -> None:
             def stage():
                 result = function(checkpoint.path, **common)
                 vae = result if isinstance(result, onnx_graphs.VaeExport) else None
-                for graph in (vae.graphs if vae else result):
+                encoder = result if isinstance(result, onnx_graphs.VaeEncoderExport) else None
+                for graph in (vae.graphs if vae else encoder.graphs if encoder else result):
                     graphs[graph.spec.name] = graph
                     check = (f"; ONNX Runtime vs PyTorch at {graph.checked_at}: max abs diff "
                              f"{graph.max_abs_diff:.2e} ({graph.check_seconds:.1f} s)"
@@ -243,6 +268,12 @@ def export_and_install(args: argparse.Namespace, plan: BuildPlan) -> None:
                         progress.write(f"  vae_decode_first + {onnx_graphs.CHECK_VAE_LATENT_FRAMES - 1} x "
                                        "vae_decode_step vs AutoencoderKLWan.decode: max abs diff "
                                        f"{vae.decode_max_abs_diff:.2e}")
+                if encoder:
+                    vae_encoder_result.append(encoder)
+                    if encoder.encode_max_abs_diff is not None:
+                        progress.write(f"  vae_encode_first + {onnx_graphs.CHECK_VAE_LATENT_FRAMES - 1} x "
+                                       "vae_encode_step vs AutoencoderKLWan.encode (mean): max abs diff "
+                                       f"{encoder.encode_max_abs_diff:.2e}")
             return stage
 
         def engine(name):
@@ -261,16 +292,21 @@ def export_and_install(args: argparse.Namespace, plan: BuildPlan) -> None:
 
         def write_models():
             if backend == "onnxruntime":
-                for name in repository.COMPONENT_MODELS:
+                for name in models:
                     repository.write_onnxruntime_model(staging / name, graphs[name].spec, onnx_dir / name)
             shutil.rmtree(onnx_dir, ignore_errors=True)
-            repository.write_pipeline_model(staging / repository.PIPELINE_MODEL, checkpoint, defaults, limits,
-                                            backend, len(vae_result[0].cache_layout), copy_source)
+            repository.write_pipeline_model(
+                staging / repository.PIPELINE_MODEL, checkpoint, defaults, limits, backend,
+                len(vae_result[0].cache_layout), copy_source,
+                len(vae_encoder_result[0].cache_layout) if vae_encoder_result else None)
 
         stages = [("text encoder", export(onnx_graphs.export_text_encoder)), ("DiT", export(onnx_graphs.export_dit)),
                   ("VAE decoder", export(onnx_graphs.export_vae))]
+        if checkpoint.kind == "i2v":
+            stages += [("image encoder", export(onnx_graphs.export_image_encoder)),
+                       ("VAE encoder", export(onnx_graphs.export_vae_encoder))]
         if backend == "tensorrt":
-            stages += [(f"engine {name}", engine(name)) for name in repository.COMPONENT_MODELS]
+            stages += [(f"engine {name}", engine(name)) for name in models]
         stages.append(("configs and assets", write_models))
 
         progress = tqdm(stages, desc="build", unit="stage", disable=args.no_progress or None, file=sys.stderr,
@@ -281,10 +317,9 @@ def export_and_install(args: argparse.Namespace, plan: BuildPlan) -> None:
         progress.close()
 
         if copy_source:
-            entries = [*repository.COMPONENT_MODELS, repository.PIPELINE_MODEL]
+            entries = [*models, repository.PIPELINE_MODEL]
         else:  # leave the committed BLS source where it is
-            entries = [*repository.COMPONENT_MODELS, f"{repository.PIPELINE_MODEL}/config.pbtxt",
-                       f"{repository.PIPELINE_MODEL}/1/assets"]
+            entries = [*models, f"{repository.PIPELINE_MODEL}/config.pbtxt", f"{repository.PIPELINE_MODEL}/1/assets"]
         build_info = {
             "fingerprint": plan.digest,
             "checkpoint": str(checkpoint.path),
@@ -294,7 +329,10 @@ def export_and_install(args: argparse.Namespace, plan: BuildPlan) -> None:
                               "checked_at": g.checked_at} for name, g in graphs.items()},
             "vae_decode_max_abs_diff": vae_result[0].decode_max_abs_diff,
             "build_seconds": round(time.monotonic() - started, 1),
+            **repository.pipeline_source_record(copy_source),
         }
+        if vae_encoder_result:
+            build_info["vae_encode_max_abs_diff"] = vae_encoder_result[0].encode_max_abs_diff
         repository.install(staging, output, entries, build_info)
 
 

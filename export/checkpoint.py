@@ -9,17 +9,25 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CHECKPOINT = REPO_ROOT / ".cache" / "tiny_checkpoint"
+# The embedded tiny random-weight checkpoints, by kind, generated on first use (export/tiny_checkpoint.py).
+TINY_CHECKPOINTS = {"t2v": REPO_ROOT / ".cache" / "tiny_checkpoint",
+                    "i2v": REPO_ROOT / ".cache" / "tiny_checkpoint_i2v"}
+DEFAULT_CHECKPOINT = TINY_CHECKPOINTS["t2v"]
 SERVING_DEFAULTS_FILE = "serving_defaults.json"
 
 # The pipeline classes a model_index.json may name, and what we serve them as.
-SUPPORTED_KINDS = {"WanPipeline": "t2v"}
-LATER_KINDS = {"WanImageToVideoPipeline": "image-to-video (i2v)", "WanVideoToVideoPipeline": "video-to-video"}
+SUPPORTED_KINDS = {"WanPipeline": "t2v", "WanImageToVideoPipeline": "i2v"}
+KIND_PIPELINES = {kind: pipeline for pipeline, kind in SUPPORTED_KINDS.items()}
+LATER_KINDS = {"WanVideoToVideoPipeline": "video-to-video"}
 REQUIRED_COMPONENTS = ("text_encoder", "tokenizer", "transformer", "vae", "scheduler")
+IMAGE_COMPONENTS = ("image_encoder", "image_processor")  # what i2v needs on top
+# Wan2.1 I2V's DiT splits its cross-attention context as "everything before the last 512 tokens is the image"
+# (diffusers' WanAttnProcessor), so prompts must reach it padded to exactly this length.
+I2V_TEXT_LENGTH = 512
 
 # Upper bounds we offer by default; a checkpoint's rotary tables may allow less (see `rope_limits`).
 DEFAULT_MAX_SIDE = 1280
@@ -28,6 +36,7 @@ DEFAULT_MAX_NUM_FRAMES = 81
 DEFAULT_MAX_TEXT_LENGTH = 512
 DEFAULT_MAX_BATCH_SIZE = 2  # classifier-free guidance: prompt + negative prompt
 MAX_NUM_INFERENCE_STEPS = 1000
+MAX_IMAGE_PIXELS = 4096 * 4096  # i2v: the largest conditioning image wan_pipeline accepts (before resizing)
 
 
 class BuildError(Exception):
@@ -77,6 +86,9 @@ class Checkpoint:
     scheduler_config: dict
     tokenizer_config: dict
     serving_defaults_file: dict
+    image_encoder_config: dict = field(default_factory=dict)  # i2v only
+    image_processor_config: dict = field(default_factory=dict)  # i2v only
+    image_processor_class: str = ""  # i2v only: the transformers class model_index.json names
 
     @property
     def patch_size(self) -> list[int]:
@@ -99,6 +111,20 @@ class Checkpoint:
         """Height and width must be multiples of this: VAE downsampling times the DiT's spatial patch."""
         return self.vae_scale_factor_spatial * max(self.patch_size[1], self.patch_size[2])
 
+    @property
+    def image_size(self) -> int:
+        """i2v: the side of the square images the CLIP vision encoder takes (its processor crops to it)."""
+        return int(self.image_encoder_config["image_size"])
+
+    @property
+    def image_tokens(self) -> int:
+        """i2v: tokens per image the encoder emits (patches + the class token)."""
+        return (self.image_size // int(self.image_encoder_config["patch_size"])) ** 2 + 1
+
+    @property
+    def image_embed_dim(self) -> int:
+        return int(self.image_encoder_config["hidden_size"])
+
     def rope_limits(self) -> tuple[int, int]:
         """(max side in pixels, max frames) the DiT's rotary tables cover: positions past them do not exist."""
         positions = int(self.transformer_config.get("rope_max_seq_len", 1024))
@@ -114,23 +140,26 @@ def _read_json(path: Path) -> dict:
         raise BuildError(f"{path}: not valid JSON ({error})") from None
 
 
-def default_checkpoint() -> Path:
-    """The embedded tiny random-weight checkpoint, generated into .cache/ on first use."""
-    if not (DEFAULT_CHECKPOINT / "model_index.json").exists():
+def default_checkpoint(kind: str = "t2v") -> Path:
+    """The embedded tiny random-weight checkpoint of `kind` ("t2v", "i2v"), generated into .cache/ on first use."""
+    if kind not in TINY_CHECKPOINTS:
+        raise BuildError(f"no embedded tiny checkpoint of kind {kind!r}; choose one of {', '.join(TINY_CHECKPOINTS)}")
+    target = TINY_CHECKPOINTS[kind]
+    if not (target / "model_index.json").exists():
         from export.tiny_checkpoint import write_tiny_checkpoint
 
-        DEFAULT_CHECKPOINT.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".tiny_checkpoint.", dir=DEFAULT_CHECKPOINT.parent))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
-            write_tiny_checkpoint(staging)
+            write_tiny_checkpoint(staging, kind=kind)
             try:
-                os.rename(staging, DEFAULT_CHECKPOINT)
+                os.rename(staging, target)
             except OSError:  # another build generated it meanwhile
-                if not (DEFAULT_CHECKPOINT / "model_index.json").exists():
+                if not (target / "model_index.json").exists():
                     raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    return DEFAULT_CHECKPOINT
+    return target
 
 
 def load_checkpoint(path: Path, name: str | None = None) -> Checkpoint:
@@ -146,18 +175,25 @@ def load_checkpoint(path: Path, name: str | None = None) -> Checkpoint:
     pipeline_class = index.get("_class_name")
     if pipeline_class in LATER_KINDS:
         raise BuildError(f"checkpoint {path} is a {pipeline_class} ({LATER_KINDS[pipeline_class]}) checkpoint; "
-                         "only text-to-video (WanPipeline) checkpoints are supported so far")
+                         "only text-to-video (WanPipeline) and image-to-video (WanImageToVideoPipeline) "
+                         "checkpoints are supported so far")
     if pipeline_class not in SUPPORTED_KINDS:
-        raise BuildError(f"checkpoint {path}: model_index.json names {pipeline_class!r}; expected WanPipeline")
+        raise BuildError(f"checkpoint {path}: model_index.json names {pipeline_class!r}; expected WanPipeline or "
+                         "WanImageToVideoPipeline")
+    kind = SUPPORTED_KINDS[pipeline_class]
     if (index.get("transformer_2") or [None])[0] is not None:
         raise BuildError(f"checkpoint {path} has two transformers (Wan2.2 A14B experts); not supported yet")
     if index.get("expand_timesteps"):
         raise BuildError(f"checkpoint {path} uses per-token timesteps (Wan2.2 TI2V); not supported yet")
-    missing = [c for c in REQUIRED_COMPONENTS if not (path / c).is_dir()]
+    required = REQUIRED_COMPONENTS + (IMAGE_COMPONENTS if kind == "i2v" else ())
+    missing = [c for c in required if not (path / c).is_dir()]
     if missing:
         raise BuildError(f"checkpoint {path} lacks component folder(s): {', '.join(missing)}")
 
     transformer_config = _read_json(path / "transformer" / "config.json")
+    image = {}
+    if kind == "i2v":
+        image = _image_configs(path, index, transformer_config)
     vae_config = _read_json(path / "vae" / "config.json")
     if vae_config.get("patch_size") is not None or vae_config.get("is_residual"):
         raise BuildError(f"checkpoint {path} uses the Wan2.2 VAE (patchified, residual); not supported yet")
@@ -166,14 +202,41 @@ def load_checkpoint(path: Path, name: str | None = None) -> Checkpoint:
     defaults_file = path / SERVING_DEFAULTS_FILE
     return Checkpoint(
         path=path,
-        kind=SUPPORTED_KINDS[pipeline_class],
+        kind=kind,
         name=name or path.name,
         transformer_config=transformer_config,
         vae_config=vae_config,
         scheduler_config=_read_json(scheduler_file) if scheduler_file.is_file() else {},
         tokenizer_config=_read_json(tokenizer_file) if tokenizer_file.is_file() else {},
         serving_defaults_file=_read_json(defaults_file) if defaults_file.is_file() else {},
+        **image,
     )
+
+
+def _image_configs(path: Path, index: dict, transformer_config: dict) -> dict:
+    """The i2v checks and the image encoder/processor configs (Wan2.1 I2V: CLIP ViT-H/14)."""
+    if transformer_config.get("image_dim") is None:
+        raise BuildError(f"checkpoint {path}: its transformer has no image_dim (no image cross-attention, as in "
+                         "Wan2.2 I2V); only Wan2.1-style image-to-video checkpoints are supported so far")
+    if transformer_config.get("pos_embed_seq_len") is not None:
+        raise BuildError(f"checkpoint {path}: its transformer embeds two images (first-last-frame, FLF2V); "
+                         "not supported yet")
+    channels, latent = transformer_config.get("in_channels"), _read_json(path / "vae" / "config.json")["z_dim"]
+    if channels != 2 * latent + 4:
+        raise BuildError(f"checkpoint {path}: transformer in_channels {channels} is not noise {latent} + mask 4 + "
+                         f"condition {latent}")
+    encoder_file = path / "image_encoder" / "config.json"
+    processor_file = path / "image_processor" / "preprocessor_config.json"
+    for needed in (encoder_file, processor_file):
+        if not needed.is_file():
+            raise BuildError(f"checkpoint {path} lacks {needed.relative_to(path)}")
+    encoder_config = _read_json(encoder_file)
+    if encoder_config.get("hidden_size") != transformer_config["image_dim"]:
+        raise BuildError(f"checkpoint {path}: image encoder hidden_size {encoder_config.get('hidden_size')} != "
+                         f"transformer image_dim {transformer_config['image_dim']}")
+    processor_class = (index.get("image_processor") or [None, None])[1] or "CLIPImageProcessor"
+    return {"image_encoder_config": encoder_config, "image_processor_config": _read_json(processor_file),
+            "image_processor_class": processor_class}
 
 
 def resolve_defaults(checkpoint: Checkpoint, overrides: dict | None = None) -> ServingDefaults:
@@ -241,6 +304,9 @@ def check_serving_shapes(checkpoint: Checkpoint, defaults: ServingDefaults, limi
         problems.append(f"default fps {defaults.fps} must be positive")
     if limits.max_text_length < 1:
         problems.append(f"max_text_length {limits.max_text_length} must be positive")
+    if checkpoint.kind == "i2v" and limits.max_text_length != I2V_TEXT_LENGTH:
+        problems.append(f"max_text_length {limits.max_text_length}: an image-to-video DiT takes prompts padded to "
+                        f"exactly {I2V_TEXT_LENGTH} tokens (it splits image and text context there)")
     if limits.max_batch_size < 1:
         problems.append(f"max_batch_size {limits.max_batch_size} must be positive")
     if problems:

@@ -1,11 +1,15 @@
-"""The four serving graphs of a Wan checkpoint, their ONNX export, and their check against PyTorch.
+"""The serving graphs of a Wan checkpoint, their ONNX export, and their check against PyTorch.
 
 | graph | wraps |
 |---|---|
 | `text_encoder` | umT5 encoder (eager attention: the dynamo exporter cannot trace SDPA here) -> last_hidden_state |
-| `dit` | WanTransformer3DModel: one denoiser evaluation, dynamic batch/frames/height/width/text length |
+| `dit` | WanTransformer3DModel: one denoiser evaluation, dynamic batch/frames/height/width/text length; i2v: |
+|  | also `encoder_hidden_states_image`, and the text length fixed at 512 (the DiT splits its context there) |
 | `vae_decode_first` | post_quant_conv + WanDecoder3d on latent frame 0 -> 1 video frame + the causal-conv caches |
 | `vae_decode_step` | the same on latent frame i >= 1, caches in and out -> 4 video frames |
+| `image_encoder` | i2v: CLIP vision tower (eager attention) -> penultimate hidden states (the DiT's image context) |
+| `vae_encode_first` | i2v: WanEncoder3d + quant_conv on video frame 0 -> latent mean (1 frame) + the encoder's caches |
+| `vae_encode_step` | i2v: the same on video frames 1+4(i-1) .. 4i, caches in and out -> latent mean (1 frame) |
 
 diffusers decodes latent frames one at a time in a Python loop, carrying a list of causal-conv caches
 (`AutoencoderKLWan._decode`). A single decoder graph would fix the frame count, so the loop is split at its
@@ -14,6 +18,12 @@ On the first frame diffusers' caches hold one frame (or the "Rep" marker of a te
 means "zeros"); `vae_decode_first` emits them as two frames with a zero frame in front, which is exactly what
 the second call computes with the short cache, so every step graph call sees fixed-size caches.
 The de-normalisation of latents (latents / (1/std) + mean) stays outside the graphs, as in the pipeline.
+
+The VAE encoder (`AutoencoderKLWan._encode`) has the same loop shape - video frame 0 alone, then chunks of 4
+frames - and is split the same way. Its causal-conv caches are two frames (the first graph puts a zero frame in
+front of its one), but a temporal downsampler's cache is one frame (it only ever reads the last one), so each
+cache's frame count is part of the encoder's cache layout. Its output is the posterior's mean (the first z_dim
+channels of quant_conv), i.e. `retrieve_latents(vae.encode(x), sample_mode="argmax")`.
 """
 
 from __future__ import annotations
@@ -105,6 +115,29 @@ def dit_spec(in_channels: int, out_channels: int, text_dim: int, patch_size: lis
     )
 
 
+def image_encoder_spec(image_size: int, image_tokens: int, hidden_size: int, channels: int = 3) -> GraphSpec:
+    return GraphSpec(
+        "image_encoder",
+        inputs=(TensorSpec("pixel_values", FP32, (("batch", 1), channels, image_size, image_size)),),
+        outputs=(TensorSpec("image_embeds", FP32, (("batch", 1), image_tokens, hidden_size)),),
+    )
+
+
+def i2v_dit_spec(in_channels: int, out_channels: int, text_dim: int, patch_size: list[int], text_length: int,
+                 image_tokens: int, image_dim: int) -> GraphSpec:
+    """The image-to-video DiT: prompts padded to exactly `text_length` tokens, plus the image embeddings."""
+    t2v = dit_spec(in_channels, out_channels, text_dim, patch_size)
+    hidden_states, timestep, _ = t2v.inputs
+    return GraphSpec(
+        "dit",
+        inputs=(hidden_states, timestep,
+                TensorSpec("encoder_hidden_states", FP32, (("batch", 1), text_length, text_dim)),
+                TensorSpec("encoder_hidden_states_image", FP32, (("batch", 1), image_tokens, image_dim))),
+        outputs=t2v.outputs,
+        multiples=t2v.multiples,
+    )
+
+
 def cache_name(direction: str, index: int) -> str:
     return f"cache_{direction}_{index:02d}"
 
@@ -126,6 +159,25 @@ def vae_specs(cache_layout: list[tuple[int, int]], latent_channels: int, spatial
 
     first = GraphSpec("vae_decode_first", inputs=(latents,), outputs=(frames(1), *caches("out")))
     step = GraphSpec("vae_decode_step", inputs=(latents, *caches("in")), outputs=(frames(temporal), *caches("out")))
+    return first, step
+
+
+def vae_encode_specs(cache_layout: list[tuple[int, int, int]], latent_channels: int, spatial: int, temporal: int,
+                     in_channels: int = 3) -> tuple[GraphSpec, GraphSpec]:
+    """`cache_layout[i]` = (channels, spatial factor vs the latent, frames) of the encoder's i-th cache."""
+    h, w = ("latent_height", 1), ("latent_width", 1)
+    latents = TensorSpec("latents", FP32, (1, latent_channels, 1, h, w))
+
+    def video(count):
+        return TensorSpec("video", FP32, (1, in_channels, count, ("latent_height", spatial), ("latent_width", spatial)))
+
+    def caches(direction):
+        return tuple(TensorSpec(cache_name(direction, i), FP32,
+                                (1, channels, frames, ("latent_height", k), ("latent_width", k)))
+                     for i, (channels, k, frames) in enumerate(cache_layout))
+
+    first = GraphSpec("vae_encode_first", inputs=(video(1),), outputs=(latents, *caches("out")))
+    step = GraphSpec("vae_encode_step", inputs=(video(temporal), *caches("in")), outputs=(latents, *caches("out")))
     return first, step
 
 
@@ -162,6 +214,22 @@ def load_vae(checkpoint: Path) -> nn.Module:
     return AutoencoderKLWan.from_pretrained(Path(checkpoint) / "vae", torch_dtype=torch.float32).eval()
 
 
+def load_image_encoder(checkpoint: Path) -> nn.Module:
+    """The CLIP vision tower with eager attention (the class model_index.json names; CLIPVisionModel in Wan2.1)."""
+    import json
+
+    import transformers
+
+    quiet_loading()
+    index = json.loads((Path(checkpoint) / "model_index.json").read_text(encoding="utf-8"))
+    class_name = (index.get("image_encoder") or [None, "CLIPVisionModel"])[1]
+    model_class = getattr(transformers, class_name, None)
+    if model_class is None:
+        raise BuildError(f"checkpoint {checkpoint}: unknown image encoder class {class_name!r}")
+    return model_class.from_pretrained(Path(checkpoint) / "image_encoder", attn_implementation="eager",
+                                       dtype=torch.float32).eval()
+
+
 class TextEncoderGraph(nn.Module):
     def __init__(self, text_encoder: nn.Module):
         super().__init__()
@@ -179,6 +247,30 @@ class DiTGraph(nn.Module):
     def forward(self, hidden_states, timestep, encoder_hidden_states):
         return self.transformer(hidden_states=hidden_states, timestep=timestep,
                                 encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+
+class ImageDiTGraph(nn.Module):
+    """The image-to-video DiT: the text context and the CLIP image context are separate inputs."""
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image):
+        return self.transformer(hidden_states=hidden_states, timestep=timestep,
+                                encoder_hidden_states=encoder_hidden_states,
+                                encoder_hidden_states_image=encoder_hidden_states_image, return_dict=False)[0]
+
+
+class ImageEncoderGraph(nn.Module):
+    """pixel_values -> the penultimate hidden states (WanImageToVideoPipeline.encode_image)."""
+
+    def __init__(self, image_encoder: nn.Module):
+        super().__init__()
+        self.image_encoder = image_encoder
+
+    def forward(self, pixel_values):
+        return self.image_encoder(pixel_values=pixel_values, output_hidden_states=True).hidden_states[-2]
 
 
 def vae_cache_layout(vae: nn.Module) -> list[tuple[int, int]]:
@@ -239,6 +331,76 @@ class VaeDecodeStepGraph(nn.Module):
         x = self.vae.post_quant_conv(latents)
         frames = self.vae.decoder(x, feat_cache=cache, feat_idx=[0]).clamp(-1.0, 1.0)
         return (frames, *cache)
+
+
+def vae_encode_cache_layout(vae: nn.Module) -> list[tuple[int, int, int]]:
+    """(channels, spatial factor vs the latent, frames) of each cache the encoder uses, found by encoding 1 + 4
+    frames as AutoencoderKLWan._encode does (frames: 2 for causal convs, 1 for temporal downsamplers)."""
+    latent_h, latent_w = 2, 3
+    spatial = 2 ** len(vae.config.temperal_downsample)
+    temporal = 2 ** sum(vae.config.temperal_downsample)
+    with torch.no_grad():
+        video = torch.zeros(1, vae.config.in_channels, 1 + temporal, spatial * latent_h, spatial * latent_w)
+        cache = [None] * vae._cached_conv_counts["encoder"]
+        vae.encoder(video[:, :, :1], feat_cache=cache, feat_idx=[0])
+        used = [0]
+        vae.encoder(video[:, :, 1:], feat_cache=cache, feat_idx=used)
+    layout = []
+    for entry in cache[: used[0]]:
+        factor = entry.shape[3] // latent_h
+        assert entry.shape[2] in (1, VAE_CACHE_FRAMES) and entry.shape[4] == factor * latent_w, entry.shape
+        layout.append((int(entry.shape[1]), int(factor), int(entry.shape[2])))
+    return layout
+
+
+class VaeEncodeFirstGraph(nn.Module):
+    """Video frame 0 [1, 3, 1, H, W] -> (latent mean [1, z, 1, h, w], caches at their step-call frame counts)."""
+
+    def __init__(self, vae: nn.Module, cache_layout: list[tuple[int, int, int]]):
+        super().__init__()
+        self.vae = vae
+        self.cache_layout = cache_layout
+
+    def forward(self, video):
+        cache = [None] * len(self.cache_layout)
+        out = self.vae.encoder(video, feat_cache=cache, feat_idx=[0])
+        latents = self.vae.quant_conv(out)[:, : self.vae.config.z_dim]
+        caches = []
+        for entry, (_, _, frames) in zip(cache, self.cache_layout):
+            if entry.shape[2] < frames:  # one frame so far: the causal zero padding becomes the older frame
+                entry = torch.cat([entry.new_zeros(*entry.shape[:2], frames - entry.shape[2], *entry.shape[3:]),
+                                   entry], dim=2)
+            caches.append(entry)
+        return (latents, *caches)
+
+
+class VaeEncodeStepGraph(nn.Module):
+    """Video frames [1, 3, 4, H, W] after the first, and the caches -> (latent mean [1, z, 1, h, w], caches)."""
+
+    varargs_from = 1  # forward(video, *caches)
+
+    def __init__(self, vae: nn.Module, cache_layout: list[tuple[int, int, int]]):
+        super().__init__()
+        self.vae = vae
+        self.cache_layout = cache_layout
+
+    def forward(self, video, *caches):
+        cache = list(caches)
+        out = self.vae.encoder(video, feat_cache=cache, feat_idx=[0])
+        return (self.vae.quant_conv(out)[:, : self.vae.config.z_dim], *cache)
+
+
+def encode_with_graphs(first: Callable, step: Callable, video, temporal: int = 4):
+    """retrieve_latents(vae.encode(video), "argmax") (batch 1, 1 + 4k frames) through a first and a step callable."""
+    outputs = first(video[:, :, :1])
+    latents, caches = [outputs[0]], outputs[1:]
+    for start in range(1, video.shape[2], temporal):
+        outputs = step(video[:, :, start: start + temporal], *caches)
+        latents.append(outputs[0])
+        caches = outputs[1:]
+    if isinstance(latents[0], np.ndarray):
+        return np.concatenate(latents, axis=2)
+    return torch.cat(latents, dim=2)
 
 
 def decode_with_graphs(first: Callable, step: Callable, latents):
@@ -420,9 +582,30 @@ def export_dit(checkpoint: Path, onnx_dir: Path, limits: ShapeLimits, spatial: i
                check: bool = True) -> list[ExportedGraph]:
     transformer = load_transformer(checkpoint)
     config = transformer.config
-    spec = dit_spec(config.in_channels, config.out_channels or config.in_channels, config.text_dim,
-                    list(config.patch_size))
-    return [_export_and_check(DiTGraph(transformer), spec, onnx_dir / spec.name / "model.onnx",
+    out_channels = config.out_channels or config.in_channels
+    if config.image_dim is None:
+        spec, module = dit_spec(config.in_channels, out_channels, config.text_dim, list(config.patch_size)), \
+            DiTGraph(transformer)
+    else:  # image-to-video: the prompt length is fixed (I2V_TEXT_LENGTH), the image embeddings are an input
+        from export.checkpoint import load_checkpoint
+
+        described = load_checkpoint(checkpoint)
+        spec = i2v_dit_spec(config.in_channels, out_channels, config.text_dim, list(config.patch_size),
+                            limits.max_text_length, described.image_tokens, config.image_dim)
+        module = ImageDiTGraph(transformer)
+    return [_export_and_check(module, spec, onnx_dir / spec.name / "model.onnx",
+                              max_sizes(limits, spatial, temporal), opset, tolerance, check)]
+
+
+def export_image_encoder(checkpoint: Path, onnx_dir: Path, limits: ShapeLimits, spatial: int, temporal: int,
+                         opset: int = DEFAULT_OPSET, tolerance: float = DEFAULT_TOLERANCE,
+                         check: bool = True) -> list[ExportedGraph]:
+    """i2v: the CLIP vision tower up to the penultimate hidden states (dynamic batch; square fixed-size input)."""
+    encoder = load_image_encoder(checkpoint)
+    config = encoder.config
+    tokens = (config.image_size // config.patch_size) ** 2 + 1
+    spec = image_encoder_spec(config.image_size, tokens, config.hidden_size, config.num_channels)
+    return [_export_and_check(ImageEncoderGraph(encoder), spec, onnx_dir / spec.name / "model.onnx",
                               max_sizes(limits, spatial, temporal), opset, tolerance, check)]
 
 
@@ -464,6 +647,74 @@ def export_vae(checkpoint: Path, onnx_dir: Path, limits: ShapeLimits, spatial: i
         result.decode_max_abs_diff = check_vae_decode(vae, graphs[0].path, step_path, CHECK_VAE_LATENT_FRAMES,
                                                       CHECK_SIZES, tolerance)
     return result
+
+
+@dataclass
+class VaeEncoderExport:
+    graphs: list[ExportedGraph]
+    cache_layout: list[tuple[int, int, int]]
+    encode_max_abs_diff: float | None = None  # first + steps in ONNX Runtime vs AutoencoderKLWan.encode's mean
+
+
+def export_vae_encoder(checkpoint: Path, onnx_dir: Path, limits: ShapeLimits, spatial: int, temporal: int,
+                       opset: int = DEFAULT_OPSET, tolerance: float = DEFAULT_TOLERANCE,
+                       check: bool = True) -> VaeEncoderExport:
+    """i2v: the VAE encoder as first/step graphs with explicit caches (first-frame conditioning latents)."""
+    vae = load_vae(checkpoint)
+    layout = vae_encode_cache_layout(vae)
+    first_spec, step_spec = vae_encode_specs(layout, vae.config.z_dim, spatial, temporal, vae.config.in_channels)
+    sizes = max_sizes(limits, spatial, temporal)
+    first, step = VaeEncodeFirstGraph(vae, layout), VaeEncodeStepGraph(vae, layout)
+    graphs = [_export_and_check(first, first_spec, onnx_dir / first_spec.name / "model.onnx", sizes, opset,
+                                tolerance, check)]
+
+    # The step graph is traced and checked with real caches (from the first graph), not random ones.
+    def step_inputs(sample_sizes, seed):
+        video = sample_inputs(first_spec, sample_sizes, seed=seed)[0]
+        with torch.no_grad():
+            caches = first(video)[1:]
+        chunk = step_spec.inputs[0].shape(sample_sizes)
+        return [torch.randn(chunk, generator=torch.Generator().manual_seed(seed + 7)), *caches]
+
+    start = time.monotonic()
+    step_path = onnx_dir / step_spec.name / "model.onnx"
+    export_onnx(step, step_spec, step_inputs(TRACE_SIZES, 0), step_path, sizes, opset)
+    step_result = ExportedGraph(step_spec, step_path, time.monotonic() - start)
+    graphs.append(step_result)
+    result = VaeEncoderExport(graphs, layout)
+    if check:
+        start = time.monotonic()
+        step_result.max_abs_diff = check_graph(step, step_spec, step_path, step_inputs(CHECK_SIZES, 1), tolerance)
+        step_result.checked_at = _describe(step_spec, CHECK_SIZES)
+        step_result.check_seconds = time.monotonic() - start
+        result.encode_max_abs_diff = check_vae_encode(vae, graphs[0].path, step_path, CHECK_VAE_LATENT_FRAMES,
+                                                      CHECK_SIZES, tolerance)
+    return result
+
+
+def check_vae_encode(vae: nn.Module, first_path: Path, step_path: Path, latent_frames: int,
+                     sizes: dict[str, int], tolerance: float) -> float:
+    """The two encoder graphs chained in ONNX Runtime against the mean of `vae.encode` of the same video."""
+    first_session, step_session = ort_session(first_path), ort_session(step_path)
+    input_names = [i.name for i in step_session.get_inputs()]
+    output_names = [o.name for o in step_session.get_outputs()]
+
+    def first(video):
+        return first_session.run(output_names, {"video": video})
+
+    def step(video, *caches):
+        return step_session.run(output_names, dict(zip(input_names, (video, *caches))))
+
+    spatial = 2 ** len(vae.config.temperal_downsample)
+    temporal = 2 ** sum(vae.config.temperal_downsample)
+    generator = torch.Generator().manual_seed(2)
+    video = torch.rand(1, vae.config.in_channels, 1 + temporal * (latent_frames - 1), spatial * sizes["latent_height"],
+                       spatial * sizes["latent_width"], generator=generator) * 2 - 1
+    with torch.no_grad():
+        expected = vae.encode(video).latent_dist.mode()
+    actual = encode_with_graphs(first, step, video.numpy(), temporal)
+    return max_abs_diff([expected], [actual], f"vae_encode_first+step over {video.shape[2]} video frames vs "
+                        "AutoencoderKLWan.encode (mean)", tolerance)
 
 
 def check_vae_decode(vae: nn.Module, first_path: Path, step_path: Path, latent_frames: int,

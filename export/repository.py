@@ -2,6 +2,9 @@
 and an all-or-nothing install (docs/DESIGN.md is the contract for every name written here).
 
 Nothing here imports torch: a no-op re-run decides from the fingerprint alone, in well under a second.
+The fingerprint covers what the graphs are made from (checkpoint, options, exporter source); the copied BLS
+source is hashed separately, so editing model_repository/wan_pipeline/1/*.py re-copies those files instead
+of re-exporting every graph.
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from export.checkpoint import (MAX_NUM_INFERENCE_STEPS, REPO_ROOT, Checkpoint, ServingDefaults, ShapeLimits,
-                               checkpoint_files)
+from export.checkpoint import (MAX_IMAGE_PIXELS, MAX_NUM_INFERENCE_STEPS, REPO_ROOT, Checkpoint, ServingDefaults,
+                               ShapeLimits,                                checkpoint_files)
 
-COMPONENT_MODELS = ("text_encoder", "dit", "vae_decode_first", "vae_decode_step")
+COMPONENT_MODELS = ("text_encoder", "dit", "vae_decode_first", "vae_decode_step")  # text-to-video
+IMAGE_COMPONENT_MODELS = ("image_encoder", "vae_encode_first", "vae_encode_step")  # what image-to-video adds
 PIPELINE_MODEL = "wan_pipeline"
 BUILD_INFO = "build_info.json"
 ONNXRUNTIME_MODEL_SOURCE = Path(__file__).resolve().parent / "onnxruntime_model.py"
@@ -31,12 +35,19 @@ PIPELINE_INPUTS = (("prompt", "BYTES"), ("negative_prompt", "BYTES"), ("seed", "
                    ("num_inference_steps", "INT32"), ("num_frames", "INT32"), ("height", "INT32"),
                    ("width", "INT32"), ("fps", "INT32"), ("guidance_scale", "FP32"), ("shift", "FP32"),
                    ("return_frames", "BOOL"))
+# The optional conditioning image (RGB, any size; required by i2v models, refused by t2v ones).
+IMAGE_INPUT = ("image", "UINT8", [-1, -1, 3])
 PIPELINE_OUTPUTS = (("step", "INT32", [1]), ("total_steps", "INT32", [1]), ("video", "BYTES", [1]),
                     ("metadata", "BYTES", [1]), ("frames", "UINT8", [-1, -1, -1, 3]))
 
 
 # --------------------------------------------------------------------------------------------------------
 # config.pbtxt text
+
+
+def component_models(kind: str) -> tuple[str, ...]:
+    """The component models a repository of `kind` ("t2v", "i2v") holds besides wan_pipeline."""
+    return COMPONENT_MODELS + (IMAGE_COMPONENT_MODELS if kind == "i2v" else ())
 
 
 def _triton_type(dtype: str) -> str:
@@ -79,7 +90,7 @@ def onnxruntime_config(spec, intra_op_num_threads: int = 0) -> str:
 
 def pipeline_parameters(checkpoint: Checkpoint, defaults: ServingDefaults, limits: ShapeLimits,
                         backend: str) -> dict:
-    return {
+    parameters = {
         "default_height": defaults.height,
         "default_width": defaults.width,
         "default_num_frames": defaults.num_frames,
@@ -97,10 +108,14 @@ def pipeline_parameters(checkpoint: Checkpoint, defaults: ServingDefaults, limit
         "model_kind": checkpoint.kind,
         "backend": backend,
     }
+    if checkpoint.kind == "i2v":
+        parameters["max_image_pixels"] = MAX_IMAGE_PIXELS
+    return parameters
 
 
 def pipeline_config(checkpoint: Checkpoint, defaults: ServingDefaults, limits: ShapeLimits, backend: str) -> str:
     inputs = [tensor_block(name, dtype, [1], optional=name != "prompt") for name, dtype in PIPELINE_INPUTS]
+    inputs.append(tensor_block(*IMAGE_INPUT, optional=True))
     outputs = [tensor_block(name, dtype, dims) for name, dtype, dims in PIPELINE_OUTPUTS]
     return (f'name: "{PIPELINE_MODEL}"\nbackend: "python"\nmax_batch_size: 0\n'
             "model_transaction_policy { decoupled: true }\n"
@@ -113,9 +128,10 @@ def pipeline_config(checkpoint: Checkpoint, defaults: ServingDefaults, limits: S
 # Run-time assets of wan_pipeline
 
 
-def pipeline_json(checkpoint: Checkpoint, limits: ShapeLimits, vae_cache_count: int) -> dict:
+def pipeline_json(checkpoint: Checkpoint, limits: ShapeLimits, vae_cache_count: int,
+                  vae_encode_cache_count: int | None = None) -> dict:
     vae = checkpoint.vae_config
-    return {
+    spec = {
         "text_max_length": limits.max_text_length,
         "vae_scale_factor_spatial": checkpoint.vae_scale_factor_spatial,
         "vae_scale_factor_temporal": checkpoint.vae_scale_factor_temporal,
@@ -125,6 +141,10 @@ def pipeline_json(checkpoint: Checkpoint, limits: ShapeLimits, vae_cache_count: 
         "vae_cache_count": vae_cache_count,
         "patch_size": checkpoint.patch_size,
     }
+    if checkpoint.kind == "i2v":
+        spec["vae_encode_cache_count"] = vae_encode_cache_count
+        spec["image_processor_class"] = checkpoint.image_processor_class
+    return spec
 
 
 def write_text(path: Path, text: str) -> None:
@@ -133,14 +153,19 @@ def write_text(path: Path, text: str) -> None:
 
 
 def write_pipeline_model(model_dir: Path, checkpoint: Checkpoint, defaults: ServingDefaults, limits: ShapeLimits,
-                         backend: str, vae_cache_count: int, copy_source: bool) -> None:
-    """wan_pipeline/: config.pbtxt, 1/assets/{tokenizer/, scheduler/, pipeline.json}, and the BLS source."""
+                         backend: str, vae_cache_count: int, copy_source: bool,
+                         vae_encode_cache_count: int | None = None) -> None:
+    """wan_pipeline/: config.pbtxt, 1/assets/{tokenizer/, scheduler/, pipeline.json, i2v: image_processor/},
+    and the BLS source."""
     write_text(model_dir / "config.pbtxt", pipeline_config(checkpoint, defaults, limits, backend))
     assets = model_dir / "1" / "assets"
     shutil.copytree(checkpoint.path / "tokenizer", assets / "tokenizer")
     shutil.copytree(checkpoint.path / "scheduler", assets / "scheduler")
+    if checkpoint.kind == "i2v":
+        shutil.copytree(checkpoint.path / "image_processor", assets / "image_processor")
     write_text(assets / "pipeline.json",
-               json.dumps(pipeline_json(checkpoint, limits, vae_cache_count), indent=2) + "\n")
+               json.dumps(pipeline_json(checkpoint, limits, vae_cache_count, vae_encode_cache_count), indent=2)
+               + "\n")
     if copy_source:
         for source in pipeline_sources():
             shutil.copy2(source, model_dir / "1" / source.name)
@@ -192,13 +217,21 @@ def hash_checkpoint(path: Path, previous: dict | None = None) -> dict:
     return record
 
 
-def source_hash(copy_pipeline_source: bool) -> str:
-    """The exporter's own source, plus the BLS source when it is copied into the output."""
-    sources = sorted(EXPORTER_SOURCE_DIR.glob("*.py")) + (pipeline_sources() if copy_pipeline_source else [])
+def _hash_sources(sources: list[Path]) -> str:
     digest = hashlib.sha256()
     for source in sources:
         digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
     return digest.hexdigest()
+
+
+def source_hash() -> str:
+    """The exporter's own source: what the graphs, configs and assets are made by (part of the fingerprint)."""
+    return _hash_sources(sorted(EXPORTER_SOURCE_DIR.glob("*.py")))
+
+
+def pipeline_source_hash() -> str:
+    """The BLS source copied into an output; not part of the fingerprint (see `refresh_pipeline_source`)."""
+    return _hash_sources(pipeline_sources())
 
 
 def fingerprint(checkpoint_record: dict, options: dict, sources: str) -> str:
@@ -215,8 +248,42 @@ def read_build_info(output: Path) -> dict:
 
 
 def is_up_to_date(output: Path, digest: str) -> bool:
+    """The graphs, configs and assets are what `digest` describes (the copied BLS source may still be stale)."""
     info = read_build_info(output)
     return info.get("fingerprint") == digest and all((Path(output) / p).exists() for p in info.get("entries", []))
+
+
+def pipeline_source_is_current(output: Path, copy_source: bool) -> bool:
+    if not copy_source:
+        return True  # the repo's own model_repository holds the committed source itself
+    return read_build_info(output).get("pipeline_source") == pipeline_source_hash()
+
+
+def pipeline_source_record(copy_source: bool) -> dict:
+    """What build_info.json records about the copied BLS source."""
+    if not copy_source:
+        return {}
+    return {"pipeline_source": pipeline_source_hash(), "pipeline_source_files": [p.name for p in pipeline_sources()]}
+
+
+def refresh_pipeline_source(output: Path) -> list[str]:
+    """Copies the BLS source into an up-to-date `output` (call with the build lock held): each file is written
+    beside its target and renamed over it; files an earlier copy installed that the source no longer has are
+    removed. build_info.json is rewritten last. Returns the names copied."""
+    output = Path(output).resolve()
+    version_dir = output / PIPELINE_MODEL / "1"
+    info = read_build_info(output)
+    sources = pipeline_sources()
+    for source in sources:
+        partial = version_dir / f".{source.name}.tmp"
+        shutil.copy2(source, partial)
+        os.replace(partial, version_dir / source.name)
+    for gone in set(info.get("pipeline_source_files", [])) - {p.name for p in sources}:
+        (version_dir / gone).unlink(missing_ok=True)
+    info.update(pipeline_source_record(True))
+    write_text(output / f".{BUILD_INFO}.tmp", json.dumps(info, indent=2) + "\n")
+    os.replace(output / f".{BUILD_INFO}.tmp", output / BUILD_INFO)
+    return [p.name for p in sources]
 
 
 # --------------------------------------------------------------------------------------------------------

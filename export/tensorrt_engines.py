@@ -20,16 +20,23 @@ FP32_REASONS = {
     "text_encoder": "umT5's activations overflow fp16",
     "vae_decode_first": "the VAE decoder is kept fp32 (small share of the time, visible artefacts in fp16)",
     "vae_decode_step": "the VAE decoder is kept fp32 (small share of the time, visible artefacts in fp16)",
+    "image_encoder": "the CLIP image encoder runs once per request (WanImageToVideoPipeline runs it in fp32)",
+    "vae_encode_first": "the VAE encoder runs once per request and conditions every step: kept fp32",
+    "vae_encode_step": "the VAE encoder runs once per request and conditions every step: kept fp32",
 }
 AUTO_DIT_PRECISION = "bf16"  # Wan is trained and released in bf16; fp16 is an option for pre-Ampere GPUs
 DEFAULT_WORKSPACE_GIB = 8
 
 
-def component_precisions(precision: str) -> dict[str, str]:
+def component_precisions(precision: str, kind: str = "t2v") -> dict[str, str]:
+    """{component model: engine precision} of a `kind` ("t2v", "i2v") repository: only the DiT follows --precision."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
     dit = AUTO_DIT_PRECISION if precision == "auto" else precision
-    return {"text_encoder": "fp32", "dit": dit, "vae_decode_first": "fp32", "vae_decode_step": "fp32"}
+    precisions = {"text_encoder": "fp32", "dit": dit, "vae_decode_first": "fp32", "vae_decode_step": "fp32"}
+    if kind == "i2v":
+        precisions.update({"image_encoder": "fp32", "vae_encode_first": "fp32", "vae_encode_step": "fp32"})
+    return precisions
 
 
 def profile_sizes(defaults: ServingDefaults, limits: ShapeLimits, spatial: int, temporal: int) -> dict:

@@ -1,8 +1,13 @@
-"""The embedded default model: a tiny random-weight Wan2.1 text-to-video checkpoint.
+"""The embedded default models: tiny random-weight Wan2.1 text-to-video and image-to-video checkpoints.
 
-It is built from the same diffusers/transformers classes as a real Wan2.1 checkpoint and saved in
+They are built from the same diffusers/transformers classes as real Wan2.1 checkpoints and saved in
 diffusers format, so every serving code path (export, Triton, front end) runs exactly as it would on
 real weights - but the weights are random, so the generated video is noise.
+
+  t2v: WanPipeline             (umT5 text encoder, WanTransformer3DModel, AutoencoderKLWan, UniPC)
+  i2v: WanImageToVideoPipeline (the same text encoder, VAE and scheduler, plus a CLIP vision encoder and
+                                its image processor, and a DiT with image cross-attention and 36 input
+                                channels: 16 noise + 4 first-frame mask + 16 condition latents)
 """
 
 from __future__ import annotations
@@ -109,22 +114,86 @@ def build_components(seed: int = TINY_SEED) -> dict:
     }
 
 
-def write_tiny_checkpoint(output_dir: Path, seed: int = TINY_SEED) -> Path:
-    from diffusers import WanPipeline
+# The tiny CLIP vision tower: 32x32 images in 8x8 patches -> 16 + 1 (class) tokens of width 32. Wan2.1 I2V
+# uses ViT-H/14 at 224 px (257 tokens of 1280); the pipeline feeds the DiT the penultimate hidden states.
+TINY_IMAGE_SIZE = 32
+TINY_IMAGE_PATCH = 8
+TINY_IMAGE_HIDDEN = 32
+# model_index.json names the image processor class as real Wan2.1 I2V checkpoints do. (transformers saves
+# the class it fell back to, CLIPImageProcessorPil, when torchvision is missing; loading either name works.)
+IMAGE_PROCESSOR_CLASS = "CLIPImageProcessor"
+
+
+def build_image_components(seed: int = TINY_SEED) -> dict:
+    """What image-to-video adds: a CLIP vision encoder, its image processor, and the I2V DiT."""
+    from diffusers import WanTransformer3DModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(seed + 3)
+    image_encoder = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=TINY_IMAGE_HIDDEN,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=TINY_IMAGE_SIZE,
+            patch_size=TINY_IMAGE_PATCH,
+            projection_dim=TINY_IMAGE_HIDDEN,
+            hidden_act="gelu",
+        )
+    ).eval()
+    # OpenAI CLIP preprocessing (bicubic resize of the short side, centre crop, CLIP mean/std) at 32 px.
+    image_processor = CLIPImageProcessor(size={"shortest_edge": TINY_IMAGE_SIZE},
+                                         crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE})
+    torch.manual_seed(seed + 4)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=36,  # noise latents 16 + first-frame mask 4 + condition latents 16
+        out_channels=16,
+        text_dim=32,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+        image_dim=TINY_IMAGE_HIDDEN,
+        added_kv_proj_dim=2 * 12,  # = the DiT's inner dim, as in Wan2.1 I2V (5120 for 14B)
+    ).eval()
+    return {"image_encoder": image_encoder, "image_processor": image_processor, "transformer": transformer}
+
+
+def write_tiny_checkpoint(output_dir: Path, seed: int = TINY_SEED, kind: str = "t2v") -> Path:
+    """Writes the tiny `kind` ("t2v" or "i2v") checkpoint to `output_dir`; the same files for the same seed."""
+    from diffusers import WanImageToVideoPipeline, WanPipeline
 
     output_dir = Path(output_dir)
-    pipeline = WanPipeline(**build_components(seed))
+    if kind == "t2v":
+        pipeline = WanPipeline(**build_components(seed))
+    elif kind == "i2v":
+        pipeline = WanImageToVideoPipeline(**{**build_components(seed), **build_image_components(seed)})
+    else:
+        raise ValueError(f"kind must be 't2v' or 'i2v', got {kind!r}")
     pipeline.save_pretrained(output_dir)
+    if kind == "i2v":
+        index_path = output_dir / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index["image_processor"] = ["transformers", IMAGE_PROCESSOR_CLASS]
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     (output_dir / SERVING_DEFAULTS_FILE).write_text(json.dumps(TINY_SERVING_DEFAULTS, indent=2) + "\n")
     return output_dir
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output_dir", type=Path, help="folder to write the diffusers-format checkpoint to")
+    parser.add_argument("--kind", choices=("t2v", "i2v"), default="t2v",
+                        help="t2v: WanPipeline (default); i2v: WanImageToVideoPipeline")
     parser.add_argument("--seed", type=int, default=TINY_SEED, help="seed of the random weights")
     args = parser.parse_args()
-    print(write_tiny_checkpoint(args.output_dir, args.seed))
+    print(write_tiny_checkpoint(args.output_dir, args.seed, args.kind))
 
 
 if __name__ == "__main__":

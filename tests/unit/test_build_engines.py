@@ -179,7 +179,7 @@ def test_script_reports_a_bad_checkpoint_in_one_line(tmp_path):
 
 @pytest.mark.parametrize("index, message", [
     (None, "has no model_index.json"),
-    ({"_class_name": "WanImageToVideoPipeline"}, "only text-to-video"),
+    ({"_class_name": "WanVideoToVideoPipeline"}, "only text-to-video"),
     ({"_class_name": "StableDiffusionPipeline"}, "expected WanPipeline"),
 ])
 def test_unsupported_checkpoints_are_rejected_with_the_reason(tmp_path, capsys, index, message):

@@ -1,4 +1,5 @@
-"""One Wan text-to-video generation as plain, numbered stages - the logic of the `wan_pipeline` BLS model.
+"""One Wan text-to-video or image-to-video generation as plain, numbered stages - the logic of the
+`wan_pipeline` BLS model.
 
 Nothing here imports Triton. The components are injected as plain callables on torch tensors, so the same
 stages run with BLS-backed components inside Triton (`model.py`) and with PyTorch modules in unit tests:
@@ -7,20 +8,29 @@ stages run with BLS-backed components inside Triton (`model.py`) and with PyTorc
     dit(latents, timestep, encoder_hidden_states) -> noise_pred            [B, C, F, h, w], [B], [B, L, D]
     vae_decode_first(latents) -> (frames, caches)                          [1, C, 1, h, w] -> [1, 3, 1, H, W]
     vae_decode_step(latents, caches) -> (frames, caches)                   [1, C, 1, h, w] -> [1, 3, 4, H, W]
+  image-to-video (i2v) also:
+    dit(latents, timestep, encoder_hidden_states, encoder_hidden_states_image)   latents with 2C + 4 channels
+    image_encoder(pixel_values) -> image_embeds                            [1, 3, S, S] -> [1, T, D']
+    vae_encode_first(video) -> (latents, caches)                           [1, 3, 1, H, W] -> [1, C, 1, h, w]
+    vae_encode_step(video, caches) -> (latents, caches)                    [1, 3, 4, H, W] -> [1, C, 1, h, w]
 
 `caches` are opaque to this module: whatever the first VAE call returns is handed to the next step call.
 
-The stages follow diffusers' `WanPipeline.__call__` (diffusers 0.42) so that, with the same weights, the
-frames match `WanPipeline(..., output_type="np")` within one uint8 level:
+The stages follow diffusers' `WanPipeline.__call__` / `WanImageToVideoPipeline.__call__` (diffusers 0.42) so
+that, with the same weights (and the same image), the frames match the pipeline's `output_type="np"` frames
+within one uint8 level:
 
-    0. resolve_and_validate   defaults, limits, num_frames rounded to 4k+1
+    0. resolve_and_validate   defaults, limits, num_frames rounded to 4k+1; validate_image: i2v needs one
     1. tokenize               prompt cleaning, pad/truncate to the text encoder's max length
     2. encode_prompts         text encoder; states past each prompt's length zeroed
-    3. prepare_timesteps      the checkpoint's scheduler with the requested shift
-    4. prepare_latents        randn from a CPU generator seeded with `seed`
-    5. denoise                CFG with cond and uncond batched in one DiT call
-    6. decode_latents         de-normalise, VAE decode frame by frame with causal caches
-    7. postprocess_frames     [-1, 1] floats -> uint8 [F, H, W, 3]
+    3. encode_image           i2v: CLIP image processor + image encoder -> penultimate hidden states
+    4. prepare_timesteps      the checkpoint's scheduler with the requested shift
+    5. prepare_latents        randn from a CPU generator seeded with `seed`
+    6. prepare_condition      i2v: image resized to the video size, + zero frames, VAE-encoded (mean),
+                              normalised; first-frame mask in front
+    7. denoise                CFG with cond and uncond batched in one DiT call
+    8. decode_latents         de-normalise, VAE decode frame by frame with causal caches
+    9. postprocess_frames     [-1, 1] floats -> uint8 [F, H, W, 3]
 """
 
 from __future__ import annotations
@@ -47,6 +57,7 @@ except ImportError:
 
 MAX_SEED = 2**63 - 1
 MAX_FPS = 120
+MAX_IMAGE_PIXELS = 4096 * 4096  # the conditioning image's own size (it is resized to the video's)
 
 
 class InvalidRequest(ValueError):
@@ -95,6 +106,8 @@ class PipelineSpec:
     latents_std: tuple[float, ...]
     patch_size: tuple[int, int, int] = (1, 2, 2)
     vae_cache_count: int | None = None
+    vae_encode_cache_count: int | None = None  # i2v
+    image_processor_class: str | None = None  # i2v: the transformers class of assets/image_processor
 
     @classmethod
     def from_json(cls, data: dict) -> "PipelineSpec":
@@ -144,6 +157,11 @@ class Components:
     vae_decode_first: Callable[[torch.Tensor], tuple[torch.Tensor, Any]]
     vae_decode_step: Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]]
     scheduler_config: dict
+    # image-to-video only
+    image_processor: Any = None  # CLIPImageProcessor: PIL image -> pixel_values, as the pipeline's
+    image_encoder: Callable[[torch.Tensor], torch.Tensor] | None = None
+    vae_encode_first: Callable[[torch.Tensor], tuple[torch.Tensor, Any]] | None = None
+    vae_encode_step: Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]] | None = None
 
 
 @dataclass
@@ -188,6 +206,29 @@ def parse_inputs(arrays: dict) -> dict:
         else:
             raw[name] = kind(value.item() if hasattr(value, "item") else value)
     return raw
+
+
+IMAGE_NOT_SUPPORTED = "this model is text-to-video (t2v): the image input is not supported; send no image"
+IMAGE_REQUIRED = "this model is image-to-video (i2v) and needs an image: send the image input (uint8 RGB [H, W, 3])"
+
+
+def validate_image(image: np.ndarray | None, model_kind: str, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray | None:
+    """The `image` input for a `model_kind` ("t2v", "i2v") model: refused by t2v, required by i2v, and an RGB
+    uint8 [H, W, 3] array of at most `max_pixels` pixels."""
+    if model_kind != "i2v":
+        if image is not None:
+            raise InvalidRequest(IMAGE_NOT_SUPPORTED)
+        return None
+    if image is None:
+        raise InvalidRequest(IMAGE_REQUIRED)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise InvalidRequest(f"image must be uint8 RGB [height, width, 3], got {image.dtype} {list(image.shape)}")
+    height, width = int(image.shape[0]), int(image.shape[1])
+    if height < 1 or width < 1:
+        raise InvalidRequest(f"image is empty ({height}x{width} pixels)")
+    if height * width > max_pixels:
+        raise InvalidRequest(f"image is {width}x{height} pixels, more than the {max_pixels}-pixel limit")
+    return image
 
 
 def round_num_frames(num_frames: int, temporal_factor: int = 4) -> int:
@@ -305,7 +346,26 @@ def encode_prompts(text_encoder, input_ids: torch.Tensor, attention_mask: torch.
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 3. Prepare timesteps
+# 3. Encode image (i2v)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def to_pil(image: np.ndarray):
+    """uint8 RGB [H, W, 3] -> the PIL image the diffusers pipeline would be given."""
+    from PIL import Image
+
+    return Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
+
+
+def encode_image(image_processor, image_encoder, image) -> torch.Tensor:
+    """WanImageToVideoPipeline.encode_image: the CLIP processor (resize, centre crop, normalise) on the PIL image,
+    then the encoder's penultimate hidden states, FP32 [1, T, D']."""
+    pixel_values = image_processor(images=image, return_tensors="pt").pixel_values
+    return image_encoder(pixel_values.to(torch.float32)).to(torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. Prepare timesteps
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -331,7 +391,7 @@ def prepare_timesteps(scheduler_config: dict, num_inference_steps: int, shift: f
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 4. Prepare latents
+# 5. Prepare latents
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -351,27 +411,94 @@ def prepare_latents(spec: PipelineSpec, seed: int, num_frames: int, height: int,
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 5. Denoise
+# 6. Prepare the image condition (i2v)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def preprocess_image(image, height: int, width: int, vae_scale_factor_spatial: int = 8) -> torch.Tensor:
+    """diffusers' VideoProcessor.preprocess(image, height, width), as the pipeline calls it: the PIL image
+    resized to exactly height x width (Lanczos; no crop, the aspect ratio is not kept), FP32 [1, 3, H, W] in
+    [-1, 1]."""
+    from diffusers.video_processor import VideoProcessor
+
+    processor = VideoProcessor(vae_scale_factor=vae_scale_factor_spatial)
+    return processor.preprocess(image, height=height, width=width).to(torch.float32)
+
+
+def encode_video(vae_encode_first, vae_encode_step, video: torch.Tensor, temporal_factor: int = 4,
+                 is_cancelled: Callable[[], bool] | None = None) -> torch.Tensor:
+    """AutoencoderKLWan.encode(video)'s mean for [1, 3, 1 + 4k, H, W]: frame 0 alone, then chunks of 4 frames,
+    carrying the causal-conv caches -> latents [1, C, 1 + k, h, w]."""
+    chunks = []
+    caches = None
+    for start in ([0] + list(range(1, video.shape[2], temporal_factor))):
+        if start and is_cancelled is not None and is_cancelled():
+            raise GenerationCancelled("cancelled while encoding the image")
+        if start == 0:
+            latents, caches = vae_encode_first(video[:, :, :1].contiguous())
+        else:
+            latents, caches = vae_encode_step(video[:, :, start:start + temporal_factor].contiguous(), caches)
+        chunks.append(latents.to(torch.float32))
+    return torch.cat(chunks, dim=2)
+
+
+def first_frame_mask(num_frames: int, latent_height: int, latent_width: int, temporal_factor: int = 4) -> torch.Tensor:
+    """WanImageToVideoPipeline's mask: 1 for the given first frame, 0 for the frames to generate, the first
+    frame repeated 4x so frames fold into latent frames -> [1, 4, F', h, w]."""
+    mask = torch.ones(1, 1, num_frames, latent_height, latent_width)
+    mask[:, :, 1:] = 0
+    first = torch.repeat_interleave(mask[:, :, 0:1], dim=2, repeats=temporal_factor)
+    mask = torch.concat([first, mask[:, :, 1:]], dim=2)
+    return mask.view(1, -1, temporal_factor, latent_height, latent_width).transpose(1, 2)
+
+
+def prepare_condition(spec: PipelineSpec, vae_encode_first, vae_encode_step, image: torch.Tensor,
+                      num_frames: int, is_cancelled: Callable[[], bool] | None = None) -> torch.Tensor:
+    """WanImageToVideoPipeline.prepare_latents' condition: the preprocessed image [1, 3, H, W] followed by
+    num_frames - 1 zero frames, VAE-encoded (mean), normalised ((x - mean) * (1/std)), with the first-frame
+    mask in front -> [1, 4 + C, F', h, w]."""
+    _, channels, height, width = image.shape
+    video = torch.cat([image.unsqueeze(2), image.new_zeros(1, channels, num_frames - 1, height, width)], dim=2)
+    latents = encode_video(vae_encode_first, vae_encode_step, video, spec.vae_scale_factor_temporal, is_cancelled)
+    latent_channels = latents.shape[1]
+    mean = torch.tensor(spec.latents_mean, dtype=latents.dtype).view(1, latent_channels, 1, 1, 1)
+    inverse_std = 1.0 / torch.tensor(spec.latents_std, dtype=latents.dtype).view(1, latent_channels, 1, 1, 1)
+    latents = (latents - mean) * inverse_std
+    mask = first_frame_mask(num_frames, latents.shape[3], latents.shape[4], spec.vae_scale_factor_temporal)
+    return torch.concat([mask.to(latents.dtype), latents], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 7. Denoise
 # ---------------------------------------------------------------------------------------------------------
 
 
 def denoise(dit, scheduler, latents: torch.Tensor, prompt_states: torch.Tensor,
             negative_states: torch.Tensor | None, guidance_scale: float,
             on_step: Callable[[int, int, float], None] | None = None,
-            is_cancelled: Callable[[], bool] | None = None) -> torch.Tensor:
+            is_cancelled: Callable[[], bool] | None = None, condition: torch.Tensor | None = None,
+            image_states: torch.Tensor | None = None) -> torch.Tensor:
     """The scheduler loop. With guidance (negative_states given) cond and uncond run as one DiT call on a
-    batch of two; `is_cancelled` is asked before every step, `on_step(step, total, ms)` after it."""
+    batch of two; `is_cancelled` is asked before every step, `on_step(step, total, ms)` after it.
+    i2v: `condition` is concatenated to the latents on channels, and both halves of the batch see the same
+    `image_states` (the pipeline passes the same image embeddings to its cond and uncond calls)."""
     timesteps = scheduler.timesteps
     total = len(timesteps)
     states = prompt_states if negative_states is None else torch.cat([prompt_states, negative_states])
     batch = states.shape[0]
+    if image_states is not None:
+        image_states = image_states.expand(batch, *image_states.shape[1:]).contiguous()
     for index, t in enumerate(timesteps):
         if is_cancelled is not None and is_cancelled():
             raise GenerationCancelled(f"cancelled before step {index + 1} of {total}")
         started = time.perf_counter()
-        model_input = latents.expand(batch, *latents.shape[1:]).contiguous()
+        model_input = latents if condition is None else torch.cat([latents, condition], dim=1)
+        model_input = model_input.expand(batch, *model_input.shape[1:]).contiguous()
         timestep = t.to(torch.float32).expand(batch).contiguous()
-        noise = dit(model_input, timestep, states).to(torch.float32)
+        if image_states is None:
+            noise = dit(model_input, timestep, states).to(torch.float32)
+        else:
+            noise = dit(model_input, timestep, states, image_states).to(torch.float32)
         if negative_states is None:
             noise_pred = noise
         else:
@@ -384,7 +511,7 @@ def denoise(dit, scheduler, latents: torch.Tensor, prompt_states: torch.Tensor,
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 6. Decode
+# 8. Decode
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -415,7 +542,7 @@ def decode_latents(vae_decode_first, vae_decode_step, latents: torch.Tensor,
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 7. Postprocess
+# 9. Postprocess
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -433,8 +560,9 @@ def postprocess_frames(video: torch.Tensor):
 
 def generate(params: GenerationParams, spec: PipelineSpec, components: Components,
              on_step: Callable[[int, int], None] | None = None,
-             is_cancelled: Callable[[], bool] | None = None) -> GenerationResult:
-    """Run stages 1-7 for one request. Raises GenerationCancelled when `is_cancelled()` turns true."""
+             is_cancelled: Callable[[], bool] | None = None, image: np.ndarray | None = None) -> GenerationResult:
+    """Run stages 1-9 for one request; with `image` (uint8 RGB [H, W, 3], checked by validate_image) it is
+    image-to-video. Raises GenerationCancelled when `is_cancelled()` turns true."""
     timings: dict = {"dit_steps": []}
     started = time.perf_counter()
 
@@ -463,24 +591,39 @@ def generate(params: GenerationParams, spec: PipelineSpec, components: Component
             else (states, None)
         now = lap("text_encoder", now)
 
-        # 3. Prepare timesteps
+        # 3. Encode image (i2v)
+        image_states = None
+        if image is not None:
+            pil_image = to_pil(image)
+            image_states = encode_image(components.image_processor, components.image_encoder, pil_image)
+            now = lap("image_encoder", now)
+
+        # 4. Prepare timesteps
         scheduler = prepare_timesteps(components.scheduler_config, params.num_inference_steps, params.shift)
 
-        # 4. Prepare latents
+        # 5. Prepare latents
         latents = prepare_latents(spec, params.seed, params.num_frames, params.height, params.width)
         now = lap("prepare", now)
 
-        # 5. Denoise
+        # 6. Prepare the image condition (i2v)
+        condition = None
+        if image is not None:
+            pixels = preprocess_image(pil_image, params.height, params.width, spec.vae_scale_factor_spatial)
+            condition = prepare_condition(spec, components.vae_encode_first, components.vae_encode_step, pixels,
+                                          params.num_frames, is_cancelled)
+            now = lap("vae_encode", now)
+
+        # 7. Denoise
         latents = denoise(components.dit, scheduler, latents, prompt_states, negative_states,
-                          params.guidance_scale, step_done, is_cancelled)
+                          params.guidance_scale, step_done, is_cancelled, condition, image_states)
         now = lap("denoise", now)
 
-        # 6. Decode
+        # 8. Decode
         video = decode_latents(components.vae_decode_first, components.vae_decode_step,
                                denormalize_latents(spec, latents), is_cancelled)
         now = lap("vae_decode", now)
 
-        # 7. Postprocess
+        # 9. Postprocess
         frames = postprocess_frames(video)
         lap("postprocess", now)
     return GenerationResult(frames=frames, timings_ms=timings)

@@ -1,9 +1,12 @@
-"""`wan_pipeline`: the decoupled Python BLS model that serves one text-to-video generation per request.
+"""`wan_pipeline`: the decoupled Python BLS model that serves one text-to-video (or, in an image-to-video
+repository, image-to-video) generation per request.
 
 Thin Triton glue around `generation.py` (the numbered stages) and `video.py` (mp4): read the request,
 call the stages with BLS-backed components (`text_encoder`, `dit`, `vae_decode_first`,
-`vae_decode_step`), stream one progress response per denoising step, then one final response with the
-mp4, a JSON of what was used and, on request, the raw frames. Contracts: docs/DESIGN.md.
+`vae_decode_step`; i2v also `image_encoder`, `vae_encode_first`, `vae_encode_step`), stream one progress
+response per denoising step, then one final response with the mp4, a JSON of what was used and, on request,
+the raw frames. The `model_kind` parameter says which: a t2v model refuses the `image` input, an i2v model
+requires it. Contracts: docs/DESIGN.md.
 """
 
 from __future__ import annotations
@@ -27,11 +30,13 @@ from generation import (  # noqa: E402
     GenerationCancelled,
     InvalidRequest,
     Limits,
+    MAX_IMAGE_PIXELS,
     PipelineSpec,
     generate,
     parse_inputs,
     prepare_timesteps,
     resolve_and_validate,
+    validate_image,
 )
 from video import encode_mp4  # noqa: E402
 
@@ -61,10 +66,12 @@ def _log(level: str, message: str) -> None:
 class BlsComponents:
     """The generation callables, each one a BLS request to a component model of this repository."""
 
-    def __init__(self, cache_count: int):
+    def __init__(self, cache_count: int, encode_cache_count: int = 0):
         self.cache_count = cache_count
         self.cache_out = [f"cache_out_{index:02d}" for index in range(cache_count)]
         self.cache_in = [f"cache_in_{index:02d}" for index in range(cache_count)]
+        self.encode_cache_out = [f"cache_out_{index:02d}" for index in range(encode_cache_count)]
+        self.encode_cache_in = [f"cache_in_{index:02d}" for index in range(encode_cache_count)]
 
     @staticmethod
     def _infer(model: str, inputs: dict, outputs: list[str]) -> list[np.ndarray]:
@@ -92,12 +99,30 @@ class BlsComponents:
                                 ["last_hidden_state"])
         return self._torch(states)
 
-    def dit(self, latents: torch.Tensor, timestep: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-        (noise,) = self._infer("dit", {"hidden_states": latents.numpy().astype(np.float32),
-                                       "timestep": timestep.numpy().astype(np.float32),
-                                       "encoder_hidden_states": states.numpy().astype(np.float32)},
-                               ["noise_pred"])
+    def dit(self, latents: torch.Tensor, timestep: torch.Tensor, states: torch.Tensor,
+            image_states: torch.Tensor | None = None) -> torch.Tensor:
+        inputs = {"hidden_states": latents.numpy().astype(np.float32),
+                  "timestep": timestep.numpy().astype(np.float32),
+                  "encoder_hidden_states": states.numpy().astype(np.float32)}
+        if image_states is not None:
+            inputs["encoder_hidden_states_image"] = image_states.numpy().astype(np.float32)
+        (noise,) = self._infer("dit", inputs, ["noise_pred"])
         return self._torch(noise)
+
+    def image_encoder(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        (embeds,) = self._infer("image_encoder", {"pixel_values": pixel_values.numpy().astype(np.float32)},
+                                ["image_embeds"])
+        return self._torch(embeds)
+
+    def vae_encode_first(self, video: torch.Tensor):
+        latents, *caches = self._infer("vae_encode_first", {"video": video.numpy().astype(np.float32)},
+                                       ["latents", *self.encode_cache_out])
+        return self._torch(latents), caches
+
+    def vae_encode_step(self, video: torch.Tensor, caches: list[np.ndarray]):
+        inputs = {"video": video.numpy().astype(np.float32), **dict(zip(self.encode_cache_in, caches))}
+        latents, *caches = self._infer("vae_encode_step", inputs, ["latents", *self.encode_cache_out])
+        return self._torch(latents), caches
 
     def vae_decode_first(self, latents: torch.Tensor):
         frames, *caches = self._infer("vae_decode_first", {"latents": latents.numpy().astype(np.float32)},
@@ -144,11 +169,23 @@ class TritonPythonModel:
         prepare_timesteps(scheduler_config, 1, self.defaults.shift)  # fails early on a bad config; warms imports
         from diffusers.utils.torch_utils import randn_tensor  # noqa: F401  (warm import for the first request)
 
-        bls = BlsComponents(self.spec.vae_cache_count or 0)
+        self.model_kind = self.settings.get("model_kind") or "t2v"
+        self.max_image_pixels = self._int("max_image_pixels", MAX_IMAGE_PIXELS)
+        bls = BlsComponents(self.spec.vae_cache_count or 0, self.spec.vae_encode_cache_count or 0)
         self.components = Components(tokenizer=tokenizer, text_encoder=bls.text_encoder, dit=bls.dit,
                                      vae_decode_first=bls.vae_decode_first, vae_decode_step=bls.vae_decode_step,
                                      scheduler_config=scheduler_config)
-        _log("info", f"wan_pipeline ready: defaults {self.defaults}, limits {self.limits}")
+        if self.model_kind == "i2v":
+            import transformers
+            from diffusers.video_processor import VideoProcessor  # noqa: F401  (warm import for the first request)
+
+            processor_class = getattr(transformers, self.spec.image_processor_class or "CLIPImageProcessor", None) \
+                or transformers.AutoImageProcessor
+            self.components.image_processor = processor_class.from_pretrained(os.path.join(assets, "image_processor"))
+            self.components.image_encoder = bls.image_encoder
+            self.components.vae_encode_first = bls.vae_encode_first
+            self.components.vae_encode_step = bls.vae_encode_step
+        _log("info", f"wan_pipeline ready ({self.model_kind}): defaults {self.defaults}, limits {self.limits}")
 
     def _int(self, key: str, fallback: int | None = None) -> int:
         return int(self._setting(key, fallback))
@@ -178,6 +215,9 @@ class TritonPythonModel:
                 tensor = pb_utils.get_input_tensor_by_name(request, name)
                 if tensor is not None:
                     arrays[name] = tensor.as_numpy()
+            image_tensor = pb_utils.get_input_tensor_by_name(request, "image")
+            image = validate_image(None if image_tensor is None else image_tensor.as_numpy(), self.model_kind,
+                                   self.max_image_pixels)
             params = resolve_and_validate(parse_inputs(arrays), self.defaults, self.limits,
                                           self.spec.size_multiple, self.spec.vae_scale_factor_temporal)
 
@@ -186,13 +226,13 @@ class TritonPythonModel:
                     _tensor("step", [step], np.int32), _tensor("total_steps", [total], np.int32)]))
 
             result = generate(params, self.spec, self.components, on_step=progress,
-                              is_cancelled=request.is_cancelled)
+                              is_cancelled=request.is_cancelled, image=image)
             mp4_started = time.perf_counter()
             video = encode_mp4(result.frames, params.fps)
             timings = dict(result.timings_ms)
             timings["mp4"] = round((time.perf_counter() - mp4_started) * 1000, 3)
             timings["total"] = round((time.perf_counter() - started) * 1000, 3)
-            sender.send(self._final_response(params, result.frames, video, timings), flags=FINAL)
+            sender.send(self._final_response(params, result.frames, video, timings, image), flags=FINAL)
         except InvalidRequest as error:
             self._send_error(sender, _one_line(error), "INVALID_ARG")
         except GenerationCancelled as error:
@@ -205,15 +245,17 @@ class TritonPythonModel:
             _log("error", f"wan_pipeline: {traceback.format_exc()}")
             self._send_error(sender, _one_line(f"internal error: {type(error).__name__}: {error}"), "INTERNAL")
 
-    def _final_response(self, params, frames: np.ndarray, video: bytes, timings: dict):
+    def _final_response(self, params, frames: np.ndarray, video: bytes, timings: dict, image=None):
         metadata = {
             **params.as_dict(),
             "model_name": self.settings.get("model_name", "wan_pipeline"),
-            "model_kind": self.settings.get("model_kind", "t2v"),
+            "model_kind": self.model_kind,
             "backend": self.settings.get("backend", ""),
             "total_steps": params.num_inference_steps,
             "timings_ms": timings,
         }
+        if image is not None:  # the conditioning image's own size (it was resized to height x width)
+            metadata["image_height"], metadata["image_width"] = int(image.shape[0]), int(image.shape[1])
         outputs = [
             _tensor("step", [params.num_inference_steps], np.int32),
             _tensor("total_steps", [params.num_inference_steps], np.int32),
