@@ -10,6 +10,7 @@ import sys
 import uvicorn
 
 from frontend.app import create_app
+from frontend.server import DrainingServer
 from frontend.settings import Settings, parse_settings
 
 _RECORD_FIELDS = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
@@ -62,8 +63,10 @@ def main(argv: list[str] | None = None) -> None:
     settings = parse_settings(argv)
     log_config = configure_logging(settings)
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=log_config,
-                log_level=settings.log_level.lower(), timeout_graceful_shutdown=10)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=log_config,
+                            log_level=settings.log_level.lower(), timeout_graceful_shutdown=10,
+                            limit_concurrency=settings.max_connections, access_log=settings.access_log)
+    DrainingServer(config, drain=app.state.service.drain).run()
 
 
 if __name__ == "__main__":

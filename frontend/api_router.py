@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
 
+from frontend.files import FileMissing
 from frontend.images import ImageTooLarge, read_upload
 from frontend.protocol import (
     ServiceMetadata, ServiceStatus, StopResponse, TaskRecord, TaskRequest, TaskResponse, TaskStatus,
@@ -63,9 +64,11 @@ async def create_task_form(request: Request, service: Service) -> TaskResponse:
 @router.get("/v1/tasks/", response_model=dict[str, TaskRecord])
 @router.get("/v1/tasks", response_model=dict[str, TaskRecord], include_in_schema=False)
 async def list_tasks(service: Service, status: TaskStatus | None = None,
-                     limit: Annotated[int | None, Query(ge=1, le=100_000)] = None) -> dict[str, TaskRecord]:
-    """Task records keyed by id, newest first."""
-    return await service.list_tasks(status, limit)
+                     limit: Annotated[int | None, Query(ge=1, le=2**31)] = None,
+                     offset: Annotated[int, Query(ge=0, le=2**31)] = 0) -> dict[str, TaskRecord]:
+    """Task records keyed by id, newest first; one page of at most the server's `max_list_limit` (a larger
+    `limit` is cut to it); `offset` skips that many records."""
+    return await service.list_tasks(status, limit, offset)
 
 
 @router.get("/v1/tasks/{task_id}/status", response_model=TaskRecord,
@@ -83,7 +86,11 @@ async def task_result(task_id: str, service: Service):
     relative = await service.result_file(task_id)
     if relative is None:
         return JSONResponse({"detail": "Task not completed or does not exist"}, status_code=404)
-    return await service.outputs.response(relative)
+    try:
+        return await service.outputs.response(relative)
+    except FileMissing:
+        return JSONResponse({"detail": "Task result no longer exists (removed by the retention policy)"},
+                            status_code=404)
 
 
 @router.delete("/v1/tasks/running", response_model=StopResponse)
@@ -128,10 +135,9 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(service: Service):
-    if service.ready:
+    if service.ready and not service.draining:
         return {"status": "ready"}
-    return JSONResponse({"status": "not_ready", "detail": "Triton or the pipeline model is not ready"},
-                        status_code=503)
+    return JSONResponse({"status": "not_ready", "detail": service.not_ready_reason()}, status_code=503)
 
 
 @router.get("/metrics", response_class=Response)

@@ -3,6 +3,7 @@ service's exceptions into status codes with a one-line `detail` (never a stack t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from contextlib import asynccontextmanager
@@ -16,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from frontend import files, tasks
 from frontend.api_router import router
+from frontend.auth import BearerAuth, KeyChecker, exposure_warning, read_key_file
 from frontend.protocol import ParameterError
 from frontend.serving import RequestRejected, VideoService
 from frontend.settings import Settings
@@ -27,11 +29,16 @@ FORM_OVERHEAD_BYTES = 64 << 10  # multipart boundaries and the small text fields
 
 def create_app(settings: Settings, service: VideoService | None = None) -> FastAPI:
     service = service or VideoService(settings)
+    keys = KeyChecker([*settings.api_key, *(read_key_file(settings.api_key_file) if settings.api_key_file else [])])
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await service.start()
-        log.info("serving /v1 with Triton at %s, model %s", settings.triton_url, settings.model_name)
+        log.info("serving /v1 with Triton at %s, model %s; API keys %s", settings.triton_url, settings.model_name,
+                 "required" if keys.enabled else "off")
+        warning = exposure_warning(settings.host, keys.enabled)
+        if warning:
+            log.warning(warning)
         try:
             yield
         finally:
@@ -43,7 +50,8 @@ def create_app(settings: Settings, service: VideoService | None = None) -> FastA
     app.state.settings = settings
     app.include_router(router)
     app.add_middleware(BodySizeLimit, json_limit=settings.max_request_bytes,
-                       form_limit=settings.max_upload_bytes + FORM_OVERHEAD_BYTES)
+                       form_limit=settings.max_upload_bytes + FORM_OVERHEAD_BYTES, timeout_s=settings.body_timeout)
+    app.add_middleware(BearerAuth, checker=keys)  # added last: runs first, before any body is read
     _add_error_handlers(app)
     return app
 
@@ -51,6 +59,12 @@ def create_app(settings: Settings, service: VideoService | None = None) -> FastA
 def one_line_errors(errors: list[dict]) -> str:
     parts = []
     for error in errors:
+        if error.get("type") == "json_invalid":  # loc is (body, character offset)
+            parts.append(f"request body is not valid JSON ({error.get('ctx', {}).get('error', 'decode error')})")
+            continue
+        if error.get("type") == "missing" and tuple(error.get("loc", ())) == ("body",):
+            parts.append("request body is not valid JSON (it is empty; send a JSON object)")
+            continue
         location = ".".join(str(item) for item in error.get("loc", ()) if item != "body")
         message = error.get("msg", "invalid value").removeprefix("Value error, ")
         parts.append(f"{location}: {message}" if location else message)
@@ -84,6 +98,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(tasks.QueueFullError)
     async def _queue_full(request: Request, error: tasks.QueueFullError):
         return detail(429, "Service busy", headers={"Retry-After": str(error.retry_after_s)})
+
+    @app.exception_handler(tasks.ShuttingDownError)
+    async def _shutting_down(request: Request, error: tasks.ShuttingDownError):
+        return detail(503, "server is shutting down; retry later", headers={"Retry-After": "30"})
 
     @app.exception_handler(tasks.ServiceBusyError)
     async def _busy(request: Request, error: tasks.ServiceBusyError):
@@ -120,13 +138,20 @@ class BodyTooLarge(StarletteHTTPException):
         super().__init__(status_code=413, detail="request body too large")
 
 
-class BodySizeLimit:
-    """413 for bodies over the limit: at once from Content-Length, else while the body streams in."""
+class BodyTooSlow(StarletteHTTPException):
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(status_code=408, detail=f"request body not received within {timeout_s:g} s")
 
-    def __init__(self, app: ASGIApp, json_limit: int, form_limit: int):
+
+class BodySizeLimit:
+    """413 for bodies over the limit: at once from Content-Length, else while the body streams in; 408 for a
+    body that has not fully arrived `timeout_s` after the first read (slow uploads hold no worker forever)."""
+
+    def __init__(self, app: ASGIApp, json_limit: int, form_limit: int, timeout_s: float = 60.0):
         self.app = app
         self.json_limit = json_limit
         self.form_limit = form_limit
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -139,14 +164,24 @@ class BodySizeLimit:
             await _send_json(send, 413, {"detail": "request body too large"})
             return
         received = 0
+        complete = False
+        deadline: float | None = None
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete, deadline
+            if complete:  # after the body only a disconnect can come: wait as long as the caller likes
+                return await receive()
+            loop = asyncio.get_running_loop()
+            deadline = deadline if deadline is not None else loop.time() + self.timeout_s
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+            except asyncio.TimeoutError:
+                raise BodyTooSlow(self.timeout_s) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
                     raise BodyTooLarge()
+                complete = not message.get("more_body", False)
             return message
 
         await self.app(scope, limited_receive, send)

@@ -53,6 +53,18 @@ def task_id_problem(task_id: str) -> str | None:
     return None
 
 
+# C0 controls (NUL included) but tab, newline and carriage return; DEL; lone UTF-16 surrogates (JSON "\ud800"
+# decodes to one, and it cannot be encoded as UTF-8: not storable, not sendable to the model).
+_FORBIDDEN_IN_TEXT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
+
+
+def text_problem(value: str) -> str | None:
+    """Why a free-text field (prompt, image_path) cannot be taken, or None."""
+    if _FORBIDDEN_IN_TEXT.search(value):
+        return "must be valid text without NUL or control characters (tab and newline are fine)"
+    return None
+
+
 def normalize_save_video_path(value: str) -> str:
     """A relative `.mp4` path under the output folder, normalised (`./a//b.mp4` -> `a/b.mp4`).
 
@@ -60,7 +72,7 @@ def normalize_save_video_path(value: str) -> str:
     """
     if len(value) > MAX_PATH_CHARS:
         raise ValueError(f"must be at most {MAX_PATH_CHARS} characters")
-    if any(ord(char) < 32 or char == "\x7f" for char in value) or "\\" in value:
+    if any(ord(char) < 32 or char == "\x7f" or 0xD800 <= ord(char) <= 0xDFFF for char in value) or "\\" in value:
         raise ValueError("must not contain control characters or backslashes")
     path = PurePosixPath(value)
     if path.is_absolute():
@@ -100,6 +112,22 @@ class TaskRequest(BaseModel):
     @classmethod
     def _null_is_empty(cls, value: Any) -> Any:
         return "" if value is None else value
+
+    @field_validator("prompt", "negative_prompt", "image_path")
+    @classmethod
+    def _clean_text(cls, value: str) -> str:
+        problem = text_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("infer_steps", "target_video_length", "seed", "height", "width", "fps", "guidance_scale",
+                     "sample_shift", mode="before")
+    @classmethod
+    def _no_booleans(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # JSON true is not 1 here: a client that sends it has a bug
+            raise ValueError("must be a number, not true/false")
+        return value
 
     @field_validator("task_id", mode="before")
     @classmethod

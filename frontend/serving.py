@@ -12,6 +12,7 @@ import contextlib
 import logging
 from typing import Any, Mapping
 
+from frontend.breaker import FailureBreaker
 from frontend.files import Folder, PathOutsideRoot, contained_path
 from frontend.images import ImageInputs, ImageRejected, ResolvedImage, derive_size
 from frontend.metrics import Metrics
@@ -19,6 +20,7 @@ from frontend.protocol import (
     MODEL_FIELDS, ModelInfo, ParameterError, Progress, ServiceMetadata, ServiceStatus, TaskRecord, TaskRequest,
     TaskResponse, TaskStatus, generate_task_id, resolve_parameters, task_id_problem,
 )
+from frontend.retention import Policy, RetentionSweeper, remove_temporary_files
 from frontend.settings import Settings
 from frontend.store import SQLiteTaskStore, TaskStore
 from frontend.tasks import Execution, ExecutionError, ProgressCallback, TaskManager, utc_now
@@ -80,9 +82,11 @@ class TritonExecutor:
         try:
             generation = await self._service.client.generate(inputs, on_progress, request_id=record.task_id)
         except PipelineError as error:
+            self._service.breaker.record_failure()
             if error.unavailable:
                 self._service.mark_unavailable()
             raise ExecutionError(str(error)) from None
+        self._service.breaker.record_success()
         metadata = generation.metadata
         if isinstance(metadata.get("num_frames"), int):
             used["target_video_length"] = metadata["num_frames"]
@@ -105,12 +109,23 @@ class VideoService:
         self._monitor: asyncio.Task | None = None
         self._recheck = asyncio.Event()
         self.manager: TaskManager | None = None
+        self.breaker = FailureBreaker(settings.failure_threshold, settings.failure_cooldown)
+        self.retention = RetentionSweeper(
+            [self.outputs.root, self.inputs.root],
+            Policy(max_age_s=settings.retention_max_age, max_bytes=settings.retention_max_bytes,
+                   min_age_s=settings.retention_min_age),
+            settings.retention_interval, protected=self._files_in_use)
 
     # ---- lifecycle ----------------------------------------------------------------------------------
 
     async def start(self) -> None:
         self.outputs.ensure()
         self.inputs.ensure()
+        for folder in (self.outputs, self.inputs):  # writes cut short by a crash; none runs yet
+            removed = await asyncio.to_thread(remove_temporary_files, folder.root)
+            if removed:
+                log.warning("removed %d temporary file(s) left by an interrupted write in %s/", removed,
+                            folder.root.name)
         if self._store is None:
             self._store = await SQLiteTaskStore.open(self.settings.database_path)
         self.manager = TaskManager(self._store, TritonExecutor(self), self.outputs, slots=self.settings.slots,
@@ -119,8 +134,31 @@ class VideoService:
         await self.manager.start()
         await self.refresh_readiness()
         self._monitor = asyncio.create_task(self._watch_triton(), name="triton-monitor")
+        self.retention.start()
+
+    @property
+    def draining(self) -> bool:
+        return self.manager is not None and self.manager.draining
+
+    async def drain(self) -> None:
+        """Graceful shutdown (first SIGTERM): new tasks get 503, the running ones get `shutdown_grace` seconds,
+        then they are stopped; every record is saved. `stop()` (uvicorn's lifespan end) follows."""
+        log.warning("shutting down: refusing new tasks")
+        await self._manager().drain(self.settings.shutdown_grace)
+
+    def _files_in_use(self) -> set:
+        """Real paths of the files that unfinished tasks need (kept by the retention sweep)."""
+        paths = set()
+        for record in self.manager.unfinished_records() if self.manager is not None else []:
+            image = record.message.get("image_path") or ""
+            for folder, name in ((self.outputs, record.save_video_path), (self.inputs, image)):
+                if name and "://" not in name and not name.startswith("data:"):
+                    with contextlib.suppress(PathOutsideRoot, OSError, ValueError):
+                        paths.add(contained_path(folder.root, name))
+        return paths
 
     async def stop(self) -> None:
+        await self.retention.stop()
         if self._monitor is not None:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -135,7 +173,16 @@ class VideoService:
 
     @property
     def ready(self) -> bool:
-        return self._triton_ready and self.model_info is not None
+        """A task can start: Triton and the model are ready, and the failure breaker lets one through."""
+        running = self.manager.running_count if self.manager is not None else 0
+        return self._triton_ready and self.model_info is not None and self.breaker.allows(running)
+
+    def not_ready_reason(self) -> str:
+        if self.draining:
+            return "shutting down"
+        if self._triton_ready and self.model_info is not None and self.breaker.open:
+            return self.breaker.reason()
+        return "Triton or the pipeline model is not ready"
 
     def mark_unavailable(self) -> None:
         """A call found Triton gone: stop starting tasks until the monitor sees it back."""
@@ -155,6 +202,8 @@ class VideoService:
                 ready = False
         if ready != self._triton_ready:
             log.info("Triton and %s %s", self.settings.model_name, "ready" if ready else "not ready")
+            if ready:  # a server that is back (restarted, perhaps repaired) deserves a try
+                self.breaker.reset()
         self._triton_ready = ready
         self.metrics.triton_ready.set(1 if self.ready else 0)
         if self.ready and self.manager is not None:
@@ -185,7 +234,9 @@ class VideoService:
         if problem:
             raise RequestRejected(problem)
         image_input = await self._resolve_image(request.image_path, image)
-        message = {"task_id": task_id, "prompt": request.prompt, "negative_prompt": request.negative_prompt,
+        cut = self.settings.max_prompt_chars  # the text encoder reads 512 tokens: longer changes nothing
+        message = {"task_id": task_id, "prompt": request.prompt[:cut],
+                   "negative_prompt": request.negative_prompt[:cut],
                    "image_path": request.image_path,
                    "save_video_path": request.save_video_path or f"{task_id}.mp4"}
         message.update({name: getattr(request, name) for name in MODEL_FIELDS})
@@ -236,8 +287,11 @@ class VideoService:
     async def get_task(self, task_id: str) -> TaskRecord | None:
         return await self._manager().get(task_id)
 
-    async def list_tasks(self, status: TaskStatus | None, limit: int | None) -> dict[str, TaskRecord]:
-        return {record.task_id: record for record in await self._manager().list(status, limit)}
+    async def list_tasks(self, status: TaskStatus | None, limit: int | None,
+                         offset: int = 0) -> dict[str, TaskRecord]:
+        """One page of records, newest first: at most `max_list_limit` (also the default)."""
+        limit = min(limit or self.settings.max_list_limit, self.settings.max_list_limit)
+        return {record.task_id: record for record in await self._manager().list(status, limit, offset)}
 
     async def cancel_task(self, task_id: str) -> TaskRecord:
         return await self._manager().cancel(task_id)

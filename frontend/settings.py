@@ -59,6 +59,43 @@ class Settings:
     default_seed: int = field(default=42, metadata={"help": "seed when a request has none"})
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
     log_format: str = field(default="text", metadata={"help": "text or json (one object per line)"})
+    # ---- access control, limits, shutdown and retention (SECURITY.md) ----
+    api_key: tuple[str, ...] = field(default=(), repr=False, metadata={
+        "help": "API key that every /v1 route requires as 'Authorization: Bearer KEY'; repeat the flag for "
+                "several (the environment takes a comma-separated list); none = no key needed",
+        "shown": "none"})
+    api_key_file: Path | None = field(default=None, metadata={
+        "help": "file with more API keys, one a line ('#' starts a comment); keeps keys out of the process "
+                "list", "shown": "none"})
+    max_prompt_chars: int = field(default=16384, metadata={
+        "help": "prompt and negative_prompt are cut to this many characters (the text encoder reads at most "
+                "512 tokens anyway)"})
+    max_list_limit: int = field(default=1000, metadata={
+        "help": "most task records one GET /v1/tasks/ answers (its default and cap of ?limit=; page on with "
+                "?offset=)"})
+    body_timeout: float = field(default=60.0, metadata={
+        "help": "a request body must arrive within this many seconds (408 beyond: slow uploads)"})
+    max_connections: int = field(default=1000, metadata={
+        "help": "open connections and requests at once; beyond it new ones get 503"})
+    shutdown_grace: float = field(default=10.0, metadata={
+        "help": "on SIGTERM/SIGINT: new tasks get 503, and running ones get this many seconds to finish "
+                "before they are stopped (failed 'interrupted'); pending ones stay queued for the next start"})
+    retention_max_age: float = field(default=0.0, metadata={
+        "help": "delete result and input files older than this many seconds (0 = keep; 604800 = a week)"})
+    retention_max_bytes: int = field(default=0, metadata={
+        "help": "keep result and input files under this many bytes in all, deleting the oldest first "
+                "(0 = no limit)"})
+    retention_min_age: float = field(default=3600.0, metadata={
+        "help": "the byte limit never deletes a file younger than this many seconds"})
+    retention_interval: float = field(default=60.0, metadata={
+        "help": "seconds between two retention sweeps"})
+    failure_threshold: int = field(default=3, metadata={
+        "help": "after this many tasks in a row fail in the model server, start no task for "
+                "--failure-cooldown seconds, then try one (0 = never pause)"})
+    failure_cooldown: float = field(default=30.0, metadata={
+        "help": "seconds the queue waits after --failure-threshold failures in a row"})
+    access_log: bool = field(default=True, metadata={
+        "help": "log one line per HTTP request (many clients polling status make many lines)"})
 
     @property
     def output_dir(self) -> Path:
@@ -93,7 +130,13 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"not a boolean: {text!r}")
 
 
+def _split_list(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
 def _converter(annotation: str):
+    if annotation.startswith("tuple"):
+        return _split_list
     if annotation.startswith("bool"):
         return _parse_bool
     if annotation.startswith("int"):
@@ -122,9 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
                 default = convert(os.environ[environment])
             except (ValueError, argparse.ArgumentTypeError) as error:
                 parser.error(f"{environment}: {error}")
-        shown = "the model's" if item.default is None else item.default
+        shown = item.metadata.get("shown", "the model's" if item.default is None else item.default)
         help_text = f"{item.metadata['help']} [env {environment}; default {shown}]"
-        if convert is _parse_bool:
+        if convert is _split_list:  # repeatable; flags replace the environment's list (see parse_settings)
+            parser.add_argument(flag, dest=item.name, action="append", default=None, help=help_text)
+        elif convert is _parse_bool:
             parser.add_argument(flag, dest=item.name, action=argparse.BooleanOptionalAction, default=default,
                                 help=help_text)
         else:
@@ -133,8 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_settings(argv: list[str] | None = None) -> Settings:
-    args = build_parser().parse_args(argv)
-    settings = Settings(**vars(args))
+    values = vars(build_parser().parse_args(argv))
+    for item in fields(Settings):
+        if _converter(str(item.type)) is _split_list:
+            given = values[item.name]
+            values[item.name] = (tuple(given) if given is not None
+                                 else _split_list(os.environ.get(env_name(item.name), "")))
+    settings = Settings(**values)
     problems = validate(settings)
     if problems:
         build_parser().error("; ".join(problems))
@@ -151,6 +201,7 @@ def validate(settings: Settings) -> list[str]:
         problems.append("--log-format must be text or json")
     if settings.max_request_bytes < 1024 or settings.max_upload_bytes < 1024:
         problems.append("body limits must be at least 1024 bytes")
+    problems.extend(validate_hardening(settings))
     if settings.max_image_bytes < 1024 or settings.max_image_pixels < 1 or settings.url_fetch_timeout <= 0:
         problems.append("--max-image-bytes must be at least 1024, --max-image-pixels and --url-fetch-timeout "
                         "above 0")
@@ -160,4 +211,23 @@ def validate(settings: Settings) -> list[str]:
         parse_networks(settings.url_fetch_allow_networks)
     except ValueError as error:
         problems.append(f"--url-fetch-allow-networks: {error}")
+    return problems
+
+
+def validate_hardening(settings: Settings) -> list[str]:
+    """Access-control, limit, shutdown and retention settings."""
+    problems = []
+    if any(len(key) < 16 or any(char.isspace() for char in key) for key in settings.api_key):
+        problems.append("--api-key: keys must be at least 16 characters without spaces")
+    if settings.api_key_file is not None and not settings.api_key_file.is_file():
+        problems.append("--api-key-file: not a readable file")
+    if settings.max_prompt_chars < 1 or settings.max_list_limit < 1 or settings.max_connections < 1:
+        problems.append("--max-prompt-chars, --max-list-limit and --max-connections must be at least 1")
+    if settings.body_timeout <= 0 or settings.shutdown_grace < 0:
+        problems.append("--body-timeout must be above 0 and --shutdown-grace 0 or more")
+    if min(settings.retention_max_age, settings.retention_max_bytes, settings.retention_min_age) < 0 \
+            or settings.retention_interval <= 0:
+        problems.append("retention limits must be 0 or more and --retention-interval above 0")
+    if settings.failure_threshold < 0 or settings.failure_cooldown < 0:
+        problems.append("--failure-threshold and --failure-cooldown must be 0 or more")
     return problems

@@ -30,8 +30,9 @@ class TaskStore(ABC):
     async def get(self, task_id: str) -> TaskRecord | None: ...
 
     @abstractmethod
-    async def list(self, status: TaskStatus | None = None, limit: int | None = None) -> list[TaskRecord]:
-        """Newest first."""
+    async def list(self, status: TaskStatus | None = None, limit: int | None = None,
+                   offset: int = 0) -> list[TaskRecord]:
+        """Newest first; `offset` records skipped."""
 
     @abstractmethod
     async def list_unfinished(self) -> list[TaskRecord]:
@@ -101,16 +102,17 @@ class SQLiteTaskStore(TaskStore):
         data = await self._run(read)
         return TaskRecord.model_validate_json(data) if data is not None else None
 
-    async def list(self, status: TaskStatus | None = None, limit: int | None = None) -> list[TaskRecord]:
+    async def list(self, status: TaskStatus | None = None, limit: int | None = None,
+                   offset: int = 0) -> list[TaskRecord]:
         def read() -> list[str]:
             query, args = "SELECT record FROM tasks", []
             if status is not None:
                 query += " WHERE status = ?"
                 args.append(status.value)
             query += " ORDER BY seq DESC"
-            if limit is not None:
-                query += " LIMIT ?"
-                args.append(limit)
+            if limit is not None or offset:
+                query += " LIMIT ? OFFSET ?"
+                args.extend([-1 if limit is None else limit, max(0, offset)])
             return [row[0] for row in self._db().execute(query, args)]
 
         return [TaskRecord.model_validate_json(data) for data in await self._run(read)]

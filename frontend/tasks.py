@@ -10,8 +10,11 @@ State machine:  pending -> processing -> completed | failed | cancelled
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
+import os
+import re
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -84,6 +87,10 @@ class ServiceBusyError(Exception):
     pass
 
 
+class ShuttingDownError(Exception):
+    """The server is draining before it stops: no new task is taken (answered 503)."""
+
+
 class TaskNotFoundError(Exception):
     pass
 
@@ -129,8 +136,10 @@ class TaskManager:
         self._finishing: set[str] = set()  # result being written: too late to cancel
         self._stop_reason: dict[str, tuple[TaskStatus, str]] = {}
         self._reserved: set[str] = set()  # ids being admitted right now
+        self._started: set[str] = set()  # running tasks whose coroutine has begun (safe to cancel)
         self._durations: deque[float] = deque(maxlen=20)
         self._closed = False
+        self.draining = False
 
     # ---- start and stop -----------------------------------------------------------------------------
 
@@ -151,13 +160,27 @@ class TaskManager:
         self._update_gauges()
         self.wake()
 
+    async def drain(self, grace_s: float) -> None:
+        """Graceful shutdown, first half: refuse new tasks (ShuttingDownError), start no pending one, give the
+        running ones `grace_s` seconds to finish, then stop them (failed, interrupted). Pending tasks stay
+        pending in the store: the next start runs them."""
+        self.draining = True
+        self._update_gauges()
+        running = list(self._running.values())
+        if running and grace_s > 0:
+            log.info("shutting down: %d running task(s) get %g s to finish", len(running), grace_s)
+            await asyncio.wait(running, timeout=grace_s)
+        await self._stop_all(INTERRUPTED_AT_SHUTDOWN)
+
     async def close(self) -> None:
         """Stop taking work; a running task ends failed (interrupted); pending ones stay pending."""
         self._closed = True
-        for task_id, task in list(self._running.items()):
-            if task_id not in self._finishing:
-                self._stop_reason[task_id] = (TaskStatus.FAILED, INTERRUPTED_AT_SHUTDOWN)
-                task.cancel()
+        self.draining = True
+        await self._stop_all(INTERRUPTED_AT_SHUTDOWN)
+
+    async def _stop_all(self, reason: str) -> None:
+        for task_id in list(self._running):
+            self._stop(task_id, TaskStatus.FAILED, reason)
         if self._running:
             await asyncio.wait(list(self._running.values()), timeout=10)
 
@@ -167,12 +190,18 @@ class TaskManager:
     def queue_length(self) -> int:
         return len(self._queue)
 
+    @property
+    def running_count(self) -> int:
+        return len(self._running)
+
     def running_records(self) -> list[TaskRecord]:
         records = [self._active[task_id] for task_id in self._running]
         return sorted((record.model_copy(deep=True) for record in records), key=lambda r: r.start_time or "")
 
     def _free_slots(self) -> int:
-        return max(0, self.slots - len(self._running)) if self._executor.ready and not self._closed else 0
+        if self._closed or self.draining or not self._executor.ready:
+            return 0
+        return max(0, self.slots - len(self._running))
 
     def would_start_now(self) -> bool:
         """A task submitted now would start at once (the model server is ready, a slot is free)."""
@@ -189,10 +218,15 @@ class TaskManager:
             return self._view(self._active[task_id])
         return await self._store.get(task_id)
 
-    async def list(self, status: TaskStatus | None = None, limit: int | None = None) -> list[TaskRecord]:
+    def unfinished_records(self) -> list[TaskRecord]:
+        """The live pending and processing records (not copies: read, do not change)."""
+        return list(self._active.values())
+
+    async def list(self, status: TaskStatus | None = None, limit: int | None = None,
+                   offset: int = 0) -> list[TaskRecord]:
         """Newest first; live records (pending, processing) as they are now."""
         records = []
-        for stored in await self._store.list(status, limit):
+        for stored in await self._store.list(status, limit, offset):
             record = self._view(self._active[stored.task_id]) if stored.task_id in self._active else stored
             if status is None or record.status is status:
                 records.append(record)
@@ -210,20 +244,27 @@ class TaskManager:
         """Queue a new pending record; it starts at once when a slot is free. Raises DuplicateTaskError,
         QueueFullError or ServiceBusyError (strict mode)."""
         task_id = record.task_id
+        if self.draining:
+            self.metrics.rejected.labels("shutting_down").inc()
+            raise ShuttingDownError("server is shutting down")
         if task_id in self._active or task_id in self._reserved:
             raise DuplicateTaskError(task_id)
+        # Capacity is decided here, before any await, counting the admissions already granted: concurrent
+        # POSTs are admitted in arrival order and never beyond the limit.
+        waiting = len(self._queue) + len(self._reserved)  # admissions ahead of this one
+        free = self._free_slots()
+        if self.strict_busy and waiting >= free:
+            self.metrics.rejected.labels("busy").inc()
+            raise ServiceBusyError("Service busy")
+        if waiting + 1 - free > self.max_queue_size:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise QueueFullError(self.retry_after_s())
         self._reserved.add(task_id)
         try:
             if await self._store.get(task_id) is not None:
                 raise DuplicateTaskError(task_id)
-            waiting = len(self._queue) + len(self._reserved) - 1  # admissions ahead of this one
-            free = self._free_slots()
-            if self.strict_busy and waiting >= free:
-                self.metrics.rejected.labels("busy").inc()
-                raise ServiceBusyError("Service busy")
-            if waiting + 1 - free > self.max_queue_size:
-                self.metrics.rejected.labels("queue_full").inc()
-                raise QueueFullError(self.retry_after_s())
+            if self.draining:  # the signal came while this one was being admitted
+                raise ShuttingDownError("server is shutting down")
             record.status = TaskStatus.PENDING
             await self._store.put(record)
             self._active[task_id] = record
@@ -244,6 +285,8 @@ class TaskManager:
             if stored is None:
                 raise TaskNotFoundError(task_id)
             raise TaskFinishedError(stored)
+        if record.status.finished:  # ended a moment ago; its record is being saved
+            raise TaskFinishedError(self._view(record))
         if record.status is TaskStatus.PENDING:
             self._queue.remove(task_id)
             transition(record, TaskStatus.CANCELLED, CANCELLED_BY_REQUEST)
@@ -254,14 +297,23 @@ class TaskManager:
             log.info("task cancelled while pending", extra={"task_id": task_id})
             return self._view(record)
         task = self._running[task_id]
-        if task_id not in self._finishing and task_id not in self._stop_reason:
-            self._stop_reason[task_id] = (TaskStatus.CANCELLED, CANCELLED_BY_REQUEST)
-            task.cancel()
+        mine = self._stop(task_id, TaskStatus.CANCELLED, CANCELLED_BY_REQUEST)
         # The Triton call is cancelled locally at once; waiting lets the answer show the final state.
         await asyncio.wait([task], timeout=self._cancel_wait)
-        if record.status is TaskStatus.COMPLETED:
-            raise TaskFinishedError(self._view(record))
+        if record.status is TaskStatus.COMPLETED or (not mine and record.status.finished):
+            raise TaskFinishedError(self._view(record))  # it completed, or another request stopped it
         return self._view(record)
+
+    def _stop(self, task_id: str, outcome: TaskStatus, error: str) -> bool:
+        """Ask a running task to end as `outcome`; False when it is already ending (stopped by someone else,
+        or writing its result). A task whose coroutine has not begun is not cancelled (that would skip its
+        bookkeeping): it sees the request as it begins."""
+        if task_id in self._finishing or task_id in self._stop_reason:
+            return False
+        self._stop_reason[task_id] = (outcome, error)
+        if task_id in self._started:
+            self._running[task_id].cancel()
+        return True
 
     async def stop_running(self) -> TaskRecord | None:
         """Cancel the longest-running task (lightx2v's `DELETE /v1/tasks/running`); None when none runs."""
@@ -303,9 +355,12 @@ class TaskManager:
                 last_saved_at = now
                 await self._persist(record)
 
+        self._started.add(task_id)
         log.info("task started", extra={"task_id": task_id})
         outcome, error = TaskStatus.COMPLETED, None
         try:
+            if task_id in self._stop_reason:  # stopped before it began
+                raise asyncio.CancelledError
             record.message.update(self._executor.prepare(record))
             await self._persist(record)
             execution = await self._executor.run(record.model_copy(deep=True), on_progress)
@@ -327,6 +382,7 @@ class TaskManager:
         await self._persist(record)
         self._finishing.discard(task_id)
         self._stop_reason.pop(task_id, None)
+        self._started.discard(task_id)
         self._running.pop(task_id, None)
         self._active.pop(task_id, None)
         log.info("task %s%s", outcome.value, f": {error}" if error else "", extra={"task_id": task_id})
@@ -345,6 +401,32 @@ class TaskManager:
         self.metrics.running.set(len(self._running))
 
 
+# An absolute path inside a message (`/srv/models/dit/1/model.onnx`); not a URL's `//host/...` nor `3/8`.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])/([^\s/'\"`,;:()\[\]]+)/(?:[^\s/'\"`,;:()\[\]]+/)*"
+                            r"([^\s/'\"`,;:()\[\]]*)")
+
+
+def redact_paths(text: str, top_folders: frozenset[str] | None = None) -> str:
+    """Server paths out of a message for clients: `/srv/models/model.onnx` becomes `.../model.onnx`. Only paths
+    that start with a folder of this machine's `/` are paths (an API route such as `/v1/tasks/form` stays)."""
+    top = _root_folders() if top_folders is None else top_folders
+    return _ABSOLUTE_PATH.sub(lambda match: ".../" + match.group(2) if match.group(1) in top else match.group(0),
+                              text)
+
+
+@functools.lru_cache(maxsize=1)
+def _root_folders() -> frozenset[str]:
+    try:
+        return frozenset(os.listdir("/"))
+    except OSError:
+        return frozenset()
+
+
+# The stack that Triton's Python backend appends to an exception's message: "At: /x/model.py(37): execute ...".
+_BACKEND_STACK = re.compile(r"\s+At:(?:\s+\S+\(\d+\):\s*\S+)+\s*$")
+
+
 def one_line(text: str, limit: int = 500) -> str:
-    line = " ".join(text.split())
+    """A task's `error`: one line, no stack, no server paths, at most `limit` characters."""
+    line = redact_paths(_BACKEND_STACK.sub("", " ".join(text.split())))
     return line if len(line) <= limit else line[: limit - 3] + "..."

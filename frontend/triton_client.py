@@ -50,7 +50,9 @@ ProgressCallback = Callable[[int, int], Awaitable[None]]
 
 
 class PipelineError(Exception):
-    """A failed call; `unavailable` when Triton could not be reached (rather than the model refusing)."""
+    """A failed call; `unavailable` when the call failed on the way (Triton unreachable, the connection broken,
+    no answer in time) rather than by the model's own error answer: Triton is checked again before the next
+    task starts."""
 
     def __init__(self, message: str, unavailable: bool = False):
         super().__init__(message)
@@ -91,11 +93,11 @@ def _grpc_failure(error: grpc.RpcError | InferenceServerException, timeout_s: fl
     if code == grpc.StatusCode.UNAVAILABLE or "UNAVAILABLE" in status:
         return PipelineError("model server unavailable (Triton could not be reached)", unavailable=True)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED or "DEADLINE_EXCEEDED" in status:
-        return PipelineError(f"model server timed out after {timeout_s:g} s")
+        return PipelineError(f"model server timed out after {timeout_s:g} s", unavailable=True)
     if code == grpc.StatusCode.CANCELLED or "CANCELLED" in status:
         return PipelineError("model server call was cancelled", unavailable=True)
     message = error.details() if isinstance(error, grpc.RpcError) else error.message()
-    return PipelineError(f"model server error: {' '.join(str(message or error).split())}")
+    return PipelineError(f"model server error: {' '.join(str(message or error).split())}", unavailable=True)
 
 
 class TritonPipelineClient:
