@@ -19,17 +19,26 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.e2e)
 
 
-@pytest.fixture(scope="session")
-def triton_server(model_repository: Path):
-    """One tritonserver for the session, serving the tiny ONNX Runtime repository."""
-    server = TritonServer.create(model_repository, CACHE / "logs" / "tritonserver.log",
-                                 (free_port(), free_port(), free_port()))
+def serve(model_repository: Path, log_name: str):
+    server = TritonServer.create(model_repository, CACHE / "logs" / log_name, (free_port(), free_port(), free_port()))
     server.start()
     try:
         server.wait_ready()
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def triton_server(model_repository: Path):
+    """One tritonserver for the session, serving the tiny ONNX Runtime text-to-video repository."""
+    yield from serve(model_repository, "tritonserver.log")
+
+
+@pytest.fixture(scope="session")
+def triton_server_i2v(model_repository_i2v: Path):
+    """One tritonserver for the session, serving the tiny image-to-video repository."""
+    yield from serve(model_repository_i2v, "tritonserver-i2v.log")
 
 
 @dataclass

@@ -22,9 +22,8 @@ import pytest
 from PIL import Image
 
 from frontend.images import derive_size
-from tests.conftest import CACHE, REPO_ROOT, free_port
+from tests.conftest import CACHE, REPO_ROOT
 from tests.e2e.test_frontend_flow import decode, wait_status
-from tests.servers import TritonServer
 
 MAX_IMAGE_BYTES = 64 << 10
 
@@ -51,19 +50,6 @@ def assert_one_line_4xx(response: httpx.Response, status: int, data_dir: Path) -
 
 
 # ---- servers -----------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def i2v_triton(model_repository_i2v: Path):
-    """A tritonserver serving the tiny i2v repository (tests/conftest.py builds it)."""
-    server = TritonServer.create(model_repository_i2v, CACHE / "logs" / "tritonserver-i2v-frontend.log",
-                                 (free_port(), free_port(), free_port()))
-    server.start()
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -102,12 +88,12 @@ def image_site():
 
 
 @pytest.fixture(scope="module")
-def i2v_frontend(tmp_path_factory, i2v_triton):
+def i2v_frontend(tmp_path_factory, triton_server_i2v):
     """A front end on the i2v model, URL fetching off (the default), a small image byte limit."""
     from tests.e2e.conftest import FrontendServer
 
     data_dir = tmp_path_factory.mktemp("frontend-i2v") / "server_data"
-    server = FrontendServer.create(data_dir, i2v_triton.grpc_url, CACHE / "logs" / "frontend-i2v.log",
+    server = FrontendServer.create(data_dir, triton_server_i2v.grpc_url, CACHE / "logs" / "frontend-i2v.log",
                                    ["--max-image-bytes", str(MAX_IMAGE_BYTES)])
     server.start()
     try:
@@ -247,8 +233,8 @@ def test_every_bad_image_input_is_a_one_line_4xx_and_leaves_no_file(client, trap
 # ---- URL fetching ---------------------------------------------------------------------------------------
 
 
-def test_url_fetching_when_on_refuses_loopback_and_private_addresses(frontend_factory, i2v_triton, image_site):
-    server = frontend_factory("--allow-url-fetch", triton_url=i2v_triton.grpc_url)
+def test_url_fetching_when_on_refuses_loopback_and_private_addresses(frontend_factory, triton_server_i2v, image_site):
+    server = frontend_factory("--allow-url-fetch", triton_url=triton_server_i2v.grpc_url)
     before = tree(server.data_dir)
     with httpx.Client(base_url=server.url, timeout=60) as client:
         for url in (f"{image_site}/cat.png", f"http://localhost:{image_site.rsplit(':', 1)[1]}/cat.png",
@@ -258,10 +244,10 @@ def test_url_fetching_when_on_refuses_loopback_and_private_addresses(frontend_fa
     assert tree(server.data_dir) == before
 
 
-def test_a_trusted_network_url_is_fetched_but_a_redirect_to_a_private_address_is_not(frontend_factory, i2v_triton,
+def test_a_trusted_network_url_is_fetched_but_a_redirect_to_a_private_address_is_not(frontend_factory, triton_server_i2v,
                                                                                       image_site, tmp_path):
     server = frontend_factory("--allow-url-fetch", "--url-fetch-allow-networks", "127.0.0.1/32",
-                              triton_url=i2v_triton.grpc_url)
+                              triton_url=triton_server_i2v.grpc_url)
     with httpx.Client(base_url=server.url, timeout=60) as client:
         before = tree(server.data_dir / "inputs")
         detail = assert_one_line_4xx(

@@ -13,8 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import CACHE, free_port
-from tests.servers import TritonServer
 
 tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
 
@@ -94,22 +92,9 @@ class PipelineStream:
         self.client.close()
 
 
-@pytest.fixture(scope="module")
-def i2v_server(model_repository_i2v):
-    """A tritonserver of its own for the tiny image-to-video repository."""
-    server = TritonServer.create(model_repository_i2v, CACHE / "logs" / "tritonserver-i2v.log",
-                                 (free_port(), free_port(), free_port()))
-    server.start()
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.fixture
-def i2v_stream(i2v_server):
-    stream = PipelineStream(i2v_server.grpc_url)
+def i2v_stream(triton_server_i2v):
+    stream = PipelineStream(triton_server_i2v.grpc_url)
     yield stream
     stream.close()
 
@@ -192,8 +177,8 @@ def test_the_image_conditions_the_video(i2v_stream):
 # --------------------------------------------------------------------------------------------------------
 
 
-def test_i2v_config_publishes_the_kind_and_the_image_input(i2v_server):
-    client = tritonclient_grpc.InferenceServerClient(i2v_server.grpc_url)
+def test_i2v_config_publishes_the_kind_and_the_image_input(triton_server_i2v):
+    client = tritonclient_grpc.InferenceServerClient(triton_server_i2v.grpc_url)
     config = client.get_model_config(MODEL, as_json=True)["config"]
     client.close()
     parameters = {key: value["string_value"] for key, value in config["parameters"].items()}
