@@ -64,18 +64,28 @@ def atomic_write(root: Path, relative: str, data: bytes) -> Path:
     if contained_path(root, str(name.parent), allow_root=True) != folder:
         raise PathOutsideRoot(relative)
     target = folder / name.name
-    descriptor, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    temporary = durable_temporary_file(folder, target.name, data)
+    try:
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return target
+
+
+def durable_temporary_file(folder: Path, name: str, data: bytes) -> Path:
+    """`data` written and synced to a hidden temporary file in `folder`, ready to be renamed into place."""
+    descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
     try:
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(temporary, 0o644)
-        os.replace(temporary, target)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    return target
+    return Path(temporary)
 
 
 class Folder:

@@ -28,7 +28,6 @@ import math
 import os
 import re
 import socket
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -37,7 +36,7 @@ from typing import Any, Awaitable, Callable, Iterable
 import httpx
 import numpy as np
 
-from frontend.files import FileMissing, PathOutsideRoot, contained_path, existing_file
+from frontend.files import FileMissing, PathOutsideRoot, contained_path, durable_temporary_file, existing_file
 
 # Formats Pillow may decode for us (its other parsers stay unused on untrusted bytes), and the stored extension.
 FORMATS = {"PNG": "png", "JPEG": "jpg", "MPO": "jpg", "WEBP": "webp", "BMP": "bmp", "GIF": "gif"}
@@ -285,13 +284,8 @@ def store_exclusive(root: Path, stem: str, extension: str, data: bytes) -> str:
     """Write `data` as `root/<stem>.<extension>` (or `<stem>-<random>.<extension>` when that name is taken),
     atomically and never replacing a file; returns the name. Blocking."""
     root.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=root, prefix=f".{stem}.", suffix=".tmp")
+    temporary = durable_temporary_file(root, stem, data)
     try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, 0o644)
         for attempt in range(100):
             name = f"{stem}.{extension}" if attempt == 0 else f"{stem}-{os.urandom(4).hex()}.{extension}"
             try:
@@ -305,7 +299,7 @@ def store_exclusive(root: Path, stem: str, extension: str, data: bytes) -> str:
                     return name
         raise OSError("no free name for the image")
     finally:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
 
 
 def remove_input(root: Path, relative: str) -> None:
