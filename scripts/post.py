@@ -12,6 +12,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import httpx
 from tqdm import tqdm
@@ -22,19 +23,20 @@ NEGATIVE_PROMPT = (
     "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
     "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
-OPTIONAL_FIELDS = ("task_id", "infer_steps", "target_video_length", "seed", "height", "width", "guidance_scale",
+OPTIONAL_FIELDS = ("task_id", "save_video_path", "infer_steps", "target_video_length", "seed", "height", "width", "guidance_scale",
                    "sample_shift", "fps")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_task_arguments(parser: argparse.ArgumentParser, prompt: str, save_video_path: str | None) -> None:
+    """The options post.py and post_i2v.py share: server, request fields, polling."""
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="base URL of the /v1 API")
-    parser.add_argument("--prompt", default=PROMPT)
+    parser.add_argument("--prompt", default=prompt)
     parser.add_argument("--negative-prompt", default=NEGATIVE_PROMPT)
-    parser.add_argument("--save-video-path", default="cat_boxing_seed42.mp4",
-                        help="where the server writes the video, relative to its output folder")
+    parser.add_argument("--save-video-path", default=save_video_path,
+                        help="where the server writes the video, relative to its output folder "
+                             f"(default: {save_video_path or '<task_id>.mp4'})")
     parser.add_argument("--output", type=Path, default=None,
-                        help="local file to download to (default: the basename of --save-video-path)")
+                        help="local file to download to (default: the basename of the server's save_video_path)")
     parser.add_argument("--task-id")
     parser.add_argument("--infer-steps", type=int)
     parser.add_argument("--target-video-length", type=int)
@@ -48,17 +50,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=3600, help="give up after this many seconds")
     parser.add_argument("--no-wait", action="store_true", help="post and print the answer only")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_task_arguments(parser, PROMPT, "cat_boxing_seed42.mp4")
     return parser.parse_args(argv)
 
 
-def build_message(args: argparse.Namespace) -> dict:
-    message = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "image_path": "",
-               "save_video_path": args.save_video_path}
-    for name in OPTIONAL_FIELDS:
-        value = getattr(args, name)
-        if value is not None:
-            message[name] = value
-    return message
+def task_fields(args: argparse.Namespace) -> dict:
+    """The request fields other than the image (the same names on the JSON and the form route)."""
+    fields = {"prompt": args.prompt, "negative_prompt": args.negative_prompt}
+    fields.update({name: getattr(args, name) for name in OPTIONAL_FIELDS if getattr(args, name) is not None})
+    return fields
 
 
 def follow(client: httpx.Client, task_id: str, args: argparse.Namespace) -> dict:
@@ -98,12 +102,11 @@ def download(client: httpx.Client, task_id: str, output: Path) -> int:
     return output.stat().st_size
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    message = build_message(args)
-    with httpx.Client(base_url=args.url.rstrip("/"), timeout=30) as client:
+def run(args: argparse.Namespace, submit: Callable[[httpx.Client], httpx.Response]) -> int:
+    """Submit the task, follow it, download the result; the exit status of the docstring."""
+    with httpx.Client(base_url=args.url.rstrip("/"), timeout=60) as client:
         try:
-            answer = client.post("/v1/tasks/", json=message)
+            answer = submit(client)
             if answer.status_code != 200:
                 print(f"post failed: {answer.status_code} {answer.text}", file=sys.stderr)
                 return 2
@@ -115,13 +118,20 @@ def main(argv: list[str] | None = None) -> int:
             if record["status"] != "completed":
                 print(f"task {record['status']}: {record.get('error')}", file=sys.stderr)
                 return 1
+            message = record.get("message", {})
             output = args.output or Path(Path(task["save_video_path"]).name)
             size = download(client, task["task_id"], output)
-            print(f"downloaded {output} ({size} bytes)")
+            print(f"downloaded {output} ({size} bytes; {message.get('width')}x{message.get('height')}, "
+                  f"{message.get('target_video_length')} frames)")
             return 0
         except (httpx.HTTPError, TimeoutError) as error:
             print(f"request failed: {error}", file=sys.stderr)
             return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run(args, lambda client: client.post("/v1/tasks/", json={**task_fields(args), "image_path": ""}))
 
 
 if __name__ == "__main__":

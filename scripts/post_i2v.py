@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
 import mimetypes
 import sys
 from pathlib import Path
@@ -25,13 +24,9 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from post import NEGATIVE_PROMPT, download, follow  # noqa: E402  (the same polling and download as post.py)
+from post import add_task_arguments, run, task_fields  # noqa: E402  (the same options, polling and download)
 
 PROMPT = "The cat in the picture slowly turns its head toward the camera and blinks, soft light, gentle motion."
-OPTIONAL_FIELDS = ("task_id", "save_video_path", "infer_steps", "target_video_length", "seed", "height", "width",
-                   "guidance_scale", "sample_shift", "fps")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -40,38 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="send this image file as a base64 data URI in the JSON body (/v1/tasks/)")
     source.add_argument("--image-path", metavar="VALUE",
                         help="an image_path the server resolves: a path in its input folder, or an http(s) URL")
-    parser.add_argument("--url", default="http://127.0.0.1:8000", help="base URL of the /v1 API")
-    parser.add_argument("--prompt", default=PROMPT)
-    parser.add_argument("--negative-prompt", default=NEGATIVE_PROMPT)
-    parser.add_argument("--save-video-path", default=None,
-                        help="where the server writes the video, relative to its output folder "
-                             "(default: <task_id>.mp4)")
-    parser.add_argument("--output", type=Path, default=None,
-                        help="local file to download to (default: the basename of the server's save_video_path)")
-    parser.add_argument("--task-id")
-    parser.add_argument("--infer-steps", type=int)
-    parser.add_argument("--target-video-length", type=int)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--height", type=int, help="default: derived from the image")
-    parser.add_argument("--width", type=int, help="default: derived from the image")
-    parser.add_argument("--guidance-scale", type=float)
-    parser.add_argument("--sample-shift", type=float)
-    parser.add_argument("--fps", type=int)
-    parser.add_argument("--poll-interval", type=float, default=0.5, help="seconds between status polls")
-    parser.add_argument("--timeout", type=float, default=3600, help="give up after this many seconds")
-    parser.add_argument("--no-wait", action="store_true", help="post and print the answer only")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_task_arguments(parser, PROMPT, None)
     return parser.parse_args(argv)
-
-
-def build_fields(args: argparse.Namespace) -> dict:
-    """The request fields other than the image (the same names on the JSON and the form route)."""
-    fields = {"prompt": args.prompt, "negative_prompt": args.negative_prompt}
-    for name in OPTIONAL_FIELDS:
-        value = getattr(args, name)
-        if value is not None:
-            fields[name] = value
-    return fields
 
 
 def data_uri(path: Path) -> str:
@@ -82,7 +47,7 @@ def data_uri(path: Path) -> str:
 
 
 def post_task(client: httpx.Client, args: argparse.Namespace) -> httpx.Response:
-    fields = build_fields(args)
+    fields = task_fields(args)
     if args.image is not None:
         media_type = mimetypes.guess_type(args.image.name)[0] or "application/octet-stream"
         with open(args.image, "rb") as handle:
@@ -94,32 +59,11 @@ def post_task(client: httpx.Client, args: argparse.Namespace) -> httpx.Response:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with httpx.Client(base_url=args.url.rstrip("/"), timeout=60) as client:
-        try:
-            answer = post_task(client, args)
-            if answer.status_code != 200:
-                print(f"post failed: {answer.status_code} {answer.text}", file=sys.stderr)
-                return 2
-            task = answer.json()
-            print(json.dumps(task))
-            if args.no_wait:
-                return 0
-            record = follow(client, task["task_id"], args)
-            if record["status"] != "completed":
-                print(f"task {record['status']}: {record.get('error')}", file=sys.stderr)
-                return 1
-            message = record.get("message", {})
-            output = args.output or Path(Path(task["save_video_path"]).name)
-            size = download(client, task["task_id"], output)
-            print(f"downloaded {output} ({size} bytes; {message.get('width')}x{message.get('height')}, "
-                  f"{message.get('target_video_length')} frames, input {message.get('image_path')})")
-            return 0
-        except (httpx.HTTPError, TimeoutError) as error:
-            print(f"request failed: {error}", file=sys.stderr)
-            return 2
-        except OSError as error:  # the image file
-            print(f"cannot read the image: {error}", file=sys.stderr)
-            return 2
+    try:
+        return run(args, lambda client: post_task(client, args))
+    except OSError as error:  # the image file
+        print(f"cannot read the image: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
