@@ -85,8 +85,9 @@ def test_sigkill_during_a_task_loses_no_record_and_runs_the_pending_ones_after_r
             finals = [wait_status(client, task_id) for task_id in pending]
             assert [r["status"] for r in finals] == ["completed", "completed"]
             assert finals[0]["completion_time"] <= finals[1]["start_time"]
-            assert [client.get(f"/v1/tasks/{t}/status").json()["status"] for t in [done, running, *pending, withdrawn]] \
-                == ["completed", "failed", "completed", "completed", "cancelled"]
+            every = [done, running, *pending, withdrawn]
+            assert [client.get(f"/v1/tasks/{t}/status").json()["status"] for t in every] == \
+                ["completed", "failed", "completed", "completed", "cancelled"]
             assert temporary_files(server.data_dir) == []
     finally:
         server.stop()
