@@ -29,6 +29,9 @@ class TritonPythonModel:
         threads = int(parameters.get("intra_op_num_threads") or 0)
         if threads > 0:
             options.intra_op_num_threads = threads
+        # Each component is its own process and the pipeline calls them one after another: idle threads that
+        # spin-wait for work would steal the cores the next component needs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CPUExecutionProvider"]
         if "CUDAExecutionProvider" in ort.get_available_providers():
             device = int(args.get("model_instance_device_id") or 0) if args.get("model_instance_kind") == "GPU" else 0
