@@ -8,19 +8,23 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from api_client import add_server_arguments, open_client  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default="http://127.0.0.1:8000", help="base URL of the /v1 API")
+    add_server_arguments(parser)
     parser.add_argument("--task-id", help="also show this task's record")
     parser.add_argument("--limit", type=int, default=20, help="newest tasks to list")
     parser.add_argument("--status", help="list only tasks in this state")
     args = parser.parse_args(argv)
     params = {"limit": args.limit, **({"status": args.status} if args.status else {})}
-    with httpx.Client(base_url=args.url.rstrip("/"), timeout=10) as client:
+    with open_client(args, timeout=10) as client:
         try:
             print("service:", json.dumps(client.get("/v1/service/status").json()))
             tasks = client.get("/v1/tasks/", params=params).json()

@@ -17,6 +17,9 @@ from typing import Callable
 import httpx
 from tqdm import tqdm
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from api_client import add_server_arguments, open_client  # noqa: E402
+
 PROMPT = "Two anthropomorphic cats in comfy boxing gear and bright gloves fight intensely on a spotlighted stage."
 NEGATIVE_PROMPT = (
     "镜头晃动，色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
@@ -29,7 +32,7 @@ OPTIONAL_FIELDS = ("task_id", "save_video_path", "infer_steps", "target_video_le
 
 def add_task_arguments(parser: argparse.ArgumentParser, prompt: str, save_video_path: str | None) -> None:
     """The options post.py and post_i2v.py share: server, request fields, polling."""
-    parser.add_argument("--url", default="http://127.0.0.1:8000", help="base URL of the /v1 API")
+    add_server_arguments(parser)
     parser.add_argument("--prompt", default=prompt)
     parser.add_argument("--negative-prompt", default=NEGATIVE_PROMPT)
     parser.add_argument("--save-video-path", default=save_video_path,
@@ -104,7 +107,7 @@ def download(client: httpx.Client, task_id: str, output: Path) -> int:
 
 def run(args: argparse.Namespace, submit: Callable[[httpx.Client], httpx.Response]) -> int:
     """Submit the task, follow it, download the result; the exit status of the docstring."""
-    with httpx.Client(base_url=args.url.rstrip("/"), timeout=60) as client:
+    with open_client(args, timeout=60) as client:
         try:
             answer = submit(client)
             if answer.status_code != 200:
