@@ -609,6 +609,33 @@ def export_image_encoder(checkpoint: Path, onnx_dir: Path, limits: ShapeLimits, 
                               max_sizes(limits, spatial, temporal), opset, tolerance, check)]
 
 
+def _export_cached_pair(first: nn.Module, step: nn.Module, first_spec: GraphSpec, step_spec: GraphSpec,
+                        onnx_dir: Path, sizes: dict[str, int], opset: int, tolerance: float,
+                        check: bool) -> list[ExportedGraph]:
+    """A causal-conv VAE half as two graphs: the first chunk, then a step with its caches as explicit I/O."""
+    graphs = [_export_and_check(first, first_spec, onnx_dir / first_spec.name / "model.onnx", sizes, opset,
+                                tolerance, check)]
+
+    # The step graph is traced and checked with real caches (from the first graph), not random ones.
+    def step_inputs(sample_sizes, seed):
+        first_chunk = sample_inputs(first_spec, sample_sizes, seed=seed)[0]
+        with torch.no_grad():
+            caches = first(first_chunk)[1:]
+        chunk = step_spec.inputs[0].shape(sample_sizes)
+        return [torch.randn(chunk, generator=torch.Generator().manual_seed(seed + 7)), *caches]
+
+    start = time.monotonic()
+    step_path = onnx_dir / step_spec.name / "model.onnx"
+    export_onnx(step, step_spec, step_inputs(TRACE_SIZES, 0), step_path, sizes, opset)
+    step_result = ExportedGraph(step_spec, step_path, time.monotonic() - start)
+    if check:
+        start = time.monotonic()
+        step_result.max_abs_diff = check_graph(step, step_spec, step_path, step_inputs(CHECK_SIZES, 1), tolerance)
+        step_result.checked_at = _describe(step_spec, CHECK_SIZES)
+        step_result.check_seconds = time.monotonic() - start
+    return [*graphs, step_result]
+
+
 @dataclass
 class VaeExport:
     graphs: list[ExportedGraph]
@@ -621,30 +648,11 @@ def export_vae(checkpoint: Path, onnx_dir: Path, limits: ShapeLimits, spatial: i
     vae = load_vae(checkpoint)
     layout = vae_cache_layout(vae)
     first_spec, step_spec = vae_specs(layout, vae.config.z_dim, spatial, temporal, vae.config.out_channels)
-    sizes = max_sizes(limits, spatial, temporal)
-    first, step = VaeDecodeFirstGraph(vae, layout), VaeDecodeStepGraph(vae, layout)
-    graphs = [_export_and_check(first, first_spec, onnx_dir / first_spec.name / "model.onnx", sizes, opset,
-                                tolerance, check)]
-
-    # The step graph is traced and checked with real caches (from the first graph), not random ones.
-    def step_inputs(sample_sizes, seed):
-        latents = sample_inputs(first_spec, sample_sizes, seed=seed)[0]
-        with torch.no_grad():
-            caches = first(latents)[1:]
-        return [torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed + 7)), *caches]
-
-    start = time.monotonic()
-    step_path = onnx_dir / step_spec.name / "model.onnx"
-    export_onnx(step, step_spec, step_inputs(TRACE_SIZES, 0), step_path, sizes, opset)
-    step_result = ExportedGraph(step_spec, step_path, time.monotonic() - start)
-    graphs.append(step_result)
+    graphs = _export_cached_pair(VaeDecodeFirstGraph(vae, layout), VaeDecodeStepGraph(vae, layout), first_spec,
+                                 step_spec, onnx_dir, max_sizes(limits, spatial, temporal), opset, tolerance, check)
     result = VaeExport(graphs, layout)
     if check:
-        start = time.monotonic()
-        step_result.max_abs_diff = check_graph(step, step_spec, step_path, step_inputs(CHECK_SIZES, 1), tolerance)
-        step_result.checked_at = _describe(step_spec, CHECK_SIZES)
-        step_result.check_seconds = time.monotonic() - start
-        result.decode_max_abs_diff = check_vae_decode(vae, graphs[0].path, step_path, CHECK_VAE_LATENT_FRAMES,
+        result.decode_max_abs_diff = check_vae_decode(vae, graphs[0].path, graphs[1].path, CHECK_VAE_LATENT_FRAMES,
                                                       CHECK_SIZES, tolerance)
     return result
 
@@ -663,31 +671,11 @@ def export_vae_encoder(checkpoint: Path, onnx_dir: Path, limits: ShapeLimits, sp
     vae = load_vae(checkpoint)
     layout = vae_encode_cache_layout(vae)
     first_spec, step_spec = vae_encode_specs(layout, vae.config.z_dim, spatial, temporal, vae.config.in_channels)
-    sizes = max_sizes(limits, spatial, temporal)
-    first, step = VaeEncodeFirstGraph(vae, layout), VaeEncodeStepGraph(vae, layout)
-    graphs = [_export_and_check(first, first_spec, onnx_dir / first_spec.name / "model.onnx", sizes, opset,
-                                tolerance, check)]
-
-    # The step graph is traced and checked with real caches (from the first graph), not random ones.
-    def step_inputs(sample_sizes, seed):
-        video = sample_inputs(first_spec, sample_sizes, seed=seed)[0]
-        with torch.no_grad():
-            caches = first(video)[1:]
-        chunk = step_spec.inputs[0].shape(sample_sizes)
-        return [torch.randn(chunk, generator=torch.Generator().manual_seed(seed + 7)), *caches]
-
-    start = time.monotonic()
-    step_path = onnx_dir / step_spec.name / "model.onnx"
-    export_onnx(step, step_spec, step_inputs(TRACE_SIZES, 0), step_path, sizes, opset)
-    step_result = ExportedGraph(step_spec, step_path, time.monotonic() - start)
-    graphs.append(step_result)
+    graphs = _export_cached_pair(VaeEncodeFirstGraph(vae, layout), VaeEncodeStepGraph(vae, layout), first_spec,
+                                 step_spec, onnx_dir, max_sizes(limits, spatial, temporal), opset, tolerance, check)
     result = VaeEncoderExport(graphs, layout)
     if check:
-        start = time.monotonic()
-        step_result.max_abs_diff = check_graph(step, step_spec, step_path, step_inputs(CHECK_SIZES, 1), tolerance)
-        step_result.checked_at = _describe(step_spec, CHECK_SIZES)
-        step_result.check_seconds = time.monotonic() - start
-        result.encode_max_abs_diff = check_vae_encode(vae, graphs[0].path, step_path, CHECK_VAE_LATENT_FRAMES,
+        result.encode_max_abs_diff = check_vae_encode(vae, graphs[0].path, graphs[1].path, CHECK_VAE_LATENT_FRAMES,
                                                       CHECK_SIZES, tolerance)
     return result
 
