@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None) -> None:
     settings = parse_settings(argv)
     log_config = configure_logging(settings)
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=log_config,
+    # h11, not httptools even where installed: h11 answers an oversized request head with 400; uvicorn's
+    # httptools protocol buffers headers of any size.
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=log_config, http="h11",
                             log_level=settings.log_level.lower(), timeout_graceful_shutdown=10,
                             limit_concurrency=settings.max_connections, access_log=settings.access_log)
     DrainingServer(config, drain=app.state.service.drain).run()

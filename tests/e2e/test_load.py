@@ -1,19 +1,19 @@
-"""Load: 200 concurrent clients poll status (each on its own keep-alive connection, every 0.5 s like
-scripts/post.py) while 30 tiny tasks are queued and run on the session tritonserver. Every task must reach a
+"""Load: 200 concurrent clients poll status (each on its own keep-alive connection, once a second at its own
+phase) while 30 tiny tasks are queued and run on the session tritonserver. Every task must reach a
 final state, none lost or duplicated, and status must stay fast: p99 under 100 ms. The report is printed
 (and written to .cache/tests/logs/load_report.txt)."""
 
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import re
 import shutil
-import ssl
 import statistics
 import time
 
-import httpx
+import aiohttp
 import pytest
 
 from tests.conftest import CACHE, free_port
@@ -27,7 +27,6 @@ P99_LIMIT_MS = 100.0
 TINY = {"infer_steps": 8, "target_video_length": 5, "height": 64, "width": 64}
 FINAL = ("completed", "failed", "cancelled")
 THREADS = re.compile(r'(key:\s*"intra_op_num_threads"\s*value:\s*\{\s*string_value:\s*)"\d*"')
-TLS_CONTEXT = ssl.create_default_context()  # shared: building one per client costs ~10 ms of CPU each
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -35,50 +34,64 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
 
 
+async def sleep_until_next_slot(began: float, phase: float) -> None:
+    """Sleep until the next time `began + phase + k * POLL_INTERVAL_S` (a slot already missed is skipped)."""
+    elapsed = time.monotonic() - began - phase
+    await asyncio.sleep(max(0.0, math.floor(elapsed / POLL_INTERVAL_S + 1) * POLL_INTERVAL_S - elapsed))
+
+
 async def run_load(url: str) -> dict:
     latencies: list[float] = []
     connects: list[float] = []
     errors: list[str] = []
     seen_final: dict[str, str] = {}
-    # keep-alive shorter than uvicorn's 5 s: an idle connection is never reused just as the server closes it
-    async with httpx.AsyncClient(base_url=url, timeout=30, verify=TLS_CONTEXT,
-                                 limits=httpx.Limits(keepalive_expiry=2.0)) as http:
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(url, timeout=timeout) as http:
         submitted = []
         for index in range(TASKS):
-            answer = await http.post("/v1/tasks/", json={"prompt": f"load {index}", **TINY})
-            assert answer.status_code == 200, answer.text
-            submitted.append(answer.json()["task_id"])
+            async with http.post("/v1/tasks/", json={"prompt": f"load {index}", **TINY}) as answer:
+                assert answer.status == 200, await answer.text()
+                submitted.append((await answer.json())["task_id"])
         began = time.monotonic()
         done = asyncio.Event()
 
         async def poller(number: int) -> None:
-            # One client (one keep-alive connection) per poller, as 200 separate programs would be; one shared
-            # pool of 200 connections costs httpx itself hundreds of ms a request and would measure the client.
+            # One client (one keep-alive connection) per poller, as 200 separate programs would be. aiohttp,
+            # not httpx: this process shares the 2 cores with the servers, and httpx costs several times more
+            # CPU a request, which would measure the client rather than the front end.
             rng = random.Random(number)
-            async with httpx.AsyncClient(base_url=url, timeout=30, verify=TLS_CONTEXT) as own:
-                await asyncio.sleep(rng.uniform(0, POLL_INTERVAL_S))  # spread the clients over the interval
+            # Each client polls at its own fixed phase of the interval (start + phase + k * interval), as
+            # independent programs would. Sleeping a fixed time after each answer instead lets one slow
+            # moment line all 200 clients up into a herd that then arrives together every interval.
+            phase = rng.uniform(0, POLL_INTERVAL_S)
+            connector = aiohttp.TCPConnector(limit=1, keepalive_timeout=2.0)  # under uvicorn's 5 s keep-alive
+            async with aiohttp.ClientSession(url, timeout=timeout, connector=connector) as own:
                 warm = False  # the first request also opens the connection: reported apart
                 while not done.is_set() and time.monotonic() - began < DEADLINE_S:
+                    await sleep_until_next_slot(began, phase)
                     task_id = rng.choice(submitted)
                     path = "/v1/service/status" if number % 4 == 0 else f"/v1/tasks/{task_id}/status"
                     sent = time.perf_counter()
                     try:
-                        answer = await own.get(path)
-                    except httpx.HTTPError as error:
+                        async with own.get(path) as answer:
+                            body = await answer.json()
+                    except (aiohttp.ClientError, asyncio.TimeoutError) as error:
                         errors.append(f"{path}: {type(error).__name__}")
-                        await asyncio.sleep(POLL_INTERVAL_S)
                         continue
                     (latencies if warm else connects).append(time.perf_counter() - sent)
                     warm = True
-                    if answer.status_code != 200:
-                        errors.append(f"{path}: {answer.status_code}")
-                    elif "task_id" in answer.json() and answer.json().get("status") in FINAL:
-                        seen_final[task_id] = answer.json()["status"]
-                    await asyncio.sleep(POLL_INTERVAL_S)
+                    if answer.status != 200:
+                        errors.append(f"{path}: {answer.status}")
+                    elif "task_id" in body and body.get("status") in FINAL:
+                        seen_final[task_id] = body["status"]
+
+        async def list_tasks() -> dict:
+            async with http.get("/v1/tasks/", params={"limit": 1000}) as answer:
+                return await answer.json()
 
         async def watcher() -> None:
             while time.monotonic() - began < DEADLINE_S:
-                listing = (await http.get("/v1/tasks/", params={"limit": 1000})).json()
+                listing = await list_tasks()
                 if all(listing.get(task_id, {}).get("status") in FINAL for task_id in submitted):
                     break
                 await asyncio.sleep(0.5)
@@ -86,10 +99,9 @@ async def run_load(url: str) -> dict:
 
         await asyncio.gather(watcher(), *(poller(number) for number in range(CLIENTS)))
         elapsed = time.monotonic() - began
-        listing = (await http.get("/v1/tasks/", params={"limit": 1000})).json()
+        listing = await list_tasks()
     return {"submitted": submitted, "listing": listing, "latencies": latencies, "connects": connects,
-            "errors": errors,
-            "elapsed": elapsed, "seen_final": seen_final}
+            "errors": errors, "elapsed": elapsed, "seen_final": seen_final}
 
 
 def report(result: dict) -> tuple[str, dict]:
