@@ -60,7 +60,7 @@ stop_all() {
 trap 'echo "start_server: stopping"; stop_all; exit 130' INT TERM
 trap stop_all EXIT
 
-echo "start_server: tritonserver (http $http_port, grpc $grpc_port, metrics $metrics_port) on $repository"
+echo "start_server: tritonserver on ${TRITON_ADDRESS:-127.0.0.1} (http $http_port, grpc $grpc_port, metrics $metrics_port) on $repository"
 "$python" scripts/tritonserver.py --model-repository "$repository" --http-port "$http_port" \
   --grpc-port "$grpc_port" --metrics-port "$metrics_port" &
 triton_pid=$!

@@ -30,9 +30,12 @@ def _install_python_stub(root: Path) -> None:
 
 
 def server_command(model_repository: Path, http_port: int, grpc_port: int, metrics_port: int,
-                   extra_args: list[str] = ()) -> list[str]:
+                   extra_args: list[str] = (), address: str = "127.0.0.1") -> list[str]:
+    """Triton listens on `address` only (tritonserver's own default is every interface): its ports have no
+    authentication, so only the front end beside it should reach them (SECURITY.md)."""
     ports = [f"--http-port={http_port}", f"--grpc-port={grpc_port}", f"--metrics-port={metrics_port}"]
-    common = [f"--model-repository={Path(model_repository).resolve()}", *ports, *extra_args]
+    addresses = [f"--http-address={address}", f"--grpc-address={address}", f"--metrics-address={address}"]
+    common = [f"--model-repository={Path(model_repository).resolve()}", *addresses, *ports, *extra_args]
     root = pytriton_root()
     if root is not None:
         _install_python_stub(root)
@@ -60,8 +63,11 @@ def main() -> None:
     parser.add_argument("--http-port", type=int, default=int(os.environ.get("TRITON_HTTP_PORT", 8100)))
     parser.add_argument("--grpc-port", type=int, default=int(os.environ.get("TRITON_GRPC_PORT", 8101)))
     parser.add_argument("--metrics-port", type=int, default=int(os.environ.get("TRITON_METRICS_PORT", 8102)))
+    parser.add_argument("--address", default=os.environ.get("TRITON_ADDRESS", "127.0.0.1"),
+                        help="interface for all three ports (default %(default)s; 0.0.0.0 exposes them unauthenticated)")
     args, extra = parser.parse_known_args()
-    command = server_command(args.model_repository, args.http_port, args.grpc_port, args.metrics_port, extra)
+    command = server_command(args.model_repository, args.http_port, args.grpc_port, args.metrics_port, extra,
+                             args.address)
     os.execvpe(command[0], command, server_environment())
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import subprocess
 import sys
@@ -48,3 +49,27 @@ def test_perf_analyzer_reports_pipeline_and_component_latency(triton_server):
     assert set(latencies) == {"wan_pipeline", "text_encoder"}
     assert all(latency > 0 for latency in latencies.values())
     assert "Composing models" in completed.stdout  # per-component statistics of the BLS model
+
+
+def listening_addresses(port: int) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """Local addresses of the TCP sockets listening on `port`, from /proc/net/tcp and tcp6 (IPv4-mapped IPv6
+    addresses as their IPv4 address)."""
+    addresses = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table, encoding="ascii") as lines:
+            for line in list(lines)[1:]:
+                local, state = line.split()[1], line.split()[3]
+                hex_address, hex_port = local.split(":")
+                if state != "0A" or int(hex_port, 16) != port:  # 0A: LISTEN
+                    continue
+                # the kernel prints each 32-bit word of the address in host (little-endian) byte order
+                raw = b"".join(bytes.fromhex(hex_address[i:i + 8])[::-1] for i in range(0, len(hex_address), 8))
+                address = ipaddress.ip_address(raw)
+                addresses.add(getattr(address, "ipv4_mapped", None) or address)
+    return addresses
+
+
+def test_tritonserver_listens_on_loopback_only(triton_server):
+    for port in (triton_server.http_port, triton_server.grpc_port):
+        addresses = listening_addresses(port)
+        assert addresses and all(address.is_loopback for address in addresses), (port, addresses)
