@@ -680,19 +680,26 @@ def export_vae_encoder(checkpoint: Path, onnx_dir: Path, limits: ShapeLimits, sp
     return result
 
 
-def check_vae_encode(vae: nn.Module, first_path: Path, step_path: Path, latent_frames: int,
-                     sizes: dict[str, int], tolerance: float) -> float:
-    """The two encoder graphs chained in ONNX Runtime against the mean of `vae.encode` of the same video."""
+def first_and_step_runners(first_path: Path, step_path: Path):
+    """ONNX Runtime callables of a first/step graph pair: `first(x)` and `step(x, *caches)`, each returning the
+    outputs in the step graph's order (frames or latents, then the caches)."""
     first_session, step_session = ort_session(first_path), ort_session(step_path)
     input_names = [i.name for i in step_session.get_inputs()]
     output_names = [o.name for o in step_session.get_outputs()]
 
-    def first(video):
-        return first_session.run(output_names, {"video": video})
+    def first(tensor):
+        return first_session.run(output_names, {input_names[0]: tensor})
 
-    def step(video, *caches):
-        return step_session.run(output_names, dict(zip(input_names, (video, *caches))))
+    def step(tensor, *caches):
+        return step_session.run(output_names, dict(zip(input_names, (tensor, *caches))))
 
+    return first, step
+
+
+def check_vae_encode(vae: nn.Module, first_path: Path, step_path: Path, latent_frames: int,
+                     sizes: dict[str, int], tolerance: float) -> float:
+    """The two encoder graphs chained in ONNX Runtime against the mean of `vae.encode` of the same video."""
+    first, step = first_and_step_runners(first_path, step_path)
     spatial = 2 ** len(vae.config.temperal_downsample)
     temporal = 2 ** sum(vae.config.temperal_downsample)
     generator = torch.Generator().manual_seed(2)
@@ -708,16 +715,7 @@ def check_vae_encode(vae: nn.Module, first_path: Path, step_path: Path, latent_f
 def check_vae_decode(vae: nn.Module, first_path: Path, step_path: Path, latent_frames: int,
                      sizes: dict[str, int], tolerance: float) -> float:
     """The two ONNX graphs chained in ONNX Runtime against `vae.decode` of the same latents."""
-    first_session, step_session = ort_session(first_path), ort_session(step_path)
-    input_names = [i.name for i in step_session.get_inputs()]
-    output_names = [o.name for o in step_session.get_outputs()]
-
-    def first(latents):
-        return first_session.run(output_names, {"latents": latents})
-
-    def step(latents, *caches):
-        return step_session.run(output_names, dict(zip(input_names, (latents, *caches))))
-
+    first, step = first_and_step_runners(first_path, step_path)
     generator = torch.Generator().manual_seed(2)
     latents = torch.randn(1, vae.config.z_dim, latent_frames, sizes["latent_height"], sizes["latent_width"],
                           generator=generator)
