@@ -77,7 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     limits = parser.add_argument_group(
         "shape limits", "what requests may ask for; TensorRT optimisation profiles span min..max with opt at the "
-                        "defaults. Heights/widths: multiples of 16 (VAE 8 x patch 2); frames: 4k+1")
+                        "defaults. Heights/widths: multiples of 16 (VAE 8 x patch 2); frames: 4k+1. A limit left "
+                        "out comes from the checkpoint's serving_defaults.json if it has one, else as said")
     limits.add_argument("--min-height", type=int, metavar="PX", help=f"(default {DEFAULT_MIN_SIDE})")
     limits.add_argument("--max-height", type=int, metavar="PX",
                         help=f"(default {DEFAULT_MAX_SIDE}, or less if the DiT's rotary tables cover less)")

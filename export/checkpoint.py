@@ -253,8 +253,11 @@ def resolve_defaults(checkpoint: Checkpoint, overrides: dict | None = None) -> S
 
 
 def resolve_limits(checkpoint: Checkpoint, defaults: ServingDefaults, requested: dict | None = None) -> ShapeLimits:
-    """Fills the limits left unset, then checks limits and defaults against each other and the checkpoint."""
-    requested = {k: v for k, v in (requested or {}).items() if v is not None}
+    """CLI request > the checkpoint's serving_defaults.json > derived from the defaults and the DiT's rotary
+    tables; then checks limits and defaults against each other and the checkpoint."""
+    known = {f.name for f in fields(ShapeLimits)}
+    from_file = {k: int(v) for k, v in checkpoint.serving_defaults_file.items() if k in known}
+    requested = {**from_file, **{k: v for k, v in (requested or {}).items() if v is not None}}
     rope_side, rope_frames = checkpoint.rope_limits()
     multiple = checkpoint.size_multiple
     largest = (max(DEFAULT_MAX_SIDE, defaults.height, defaults.width) // multiple) * multiple

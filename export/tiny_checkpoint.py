@@ -28,6 +28,13 @@ TINY_SERVING_DEFAULTS = {
     "num_inference_steps": 8,
     "guidance_scale": 5.0,
     "fps": 16,
+    # Limits: the rotary tables would allow 512 x 512 x 81 frames, but ONNX Runtime's attention holds the
+    # whole score matrix, tokens^2 x 4 bytes per head and CFG half: at 512 x 512 x 81 (21504 tokens) the DiT
+    # peaked at ~18 GB and the next task ran a 24 GB machine out of memory. 256 x 256 x 81 (5376 tokens)
+    # peaks under 2 GB in any model process.
+    "max_height": 256,
+    "max_width": 256,
+    "max_num_frames": 81,
 }
 SERVING_DEFAULTS_FILE = "serving_defaults.json"
 _METASPACE = "\u2581"  # SentencePiece's word-start marker

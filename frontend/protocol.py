@@ -24,6 +24,8 @@ RESERVED_TASK_IDS = frozenset({"running"})  # DELETE /v1/tasks/running would be 
 MAX_SEED = 2**63 - 1
 MAX_INFER_STEPS = 1000
 MAX_PATH_CHARS = 1024
+# File systems allow 255 bytes a name; the result is first written as `.<name>.XXXXXXXX.tmp` beside it.
+MAX_NAME_BYTES = 240
 
 
 class TaskStatus(str, Enum):
@@ -81,6 +83,8 @@ def normalize_save_video_path(value: str) -> str:
         raise ValueError("must not contain '..'")
     if not path.parts or path.suffix.lower() != ".mp4" or not path.stem:
         raise ValueError("must be a file name ending in .mp4")
+    if any(len(part.encode("utf-8")) > MAX_NAME_BYTES for part in path.parts):
+        raise ValueError(f"each folder or file name must be at most {MAX_NAME_BYTES} bytes")
     return path.as_posix()
 
 

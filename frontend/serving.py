@@ -262,10 +262,19 @@ class VideoService:
         return TaskResponse(task_id=task_id, task_status=record.status, save_video_path=record.save_video_path)
 
     def _check_save_path(self, relative: str) -> None:
+        """Refused now rather than after the generation: a path that leads out, or one the result could not be
+        written to as things stand (it names a folder, or one of its folders is a file)."""
         try:
-            contained_path(self.outputs.root, relative)
+            target = contained_path(self.outputs.root, relative)
         except PathOutsideRoot:
             raise ParameterError("save_video_path: must stay inside the output folder") from None
+        if target.is_dir():
+            raise ParameterError("save_video_path: names an existing folder, not a file")
+        parent = target.parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ParameterError("save_video_path: one of its folders is an existing file")
 
     async def _resolve_image(self, image_path: str, upload: bytes | None) -> ResolvedImage | None:
         """The checked image input of a request (nothing stored yet), None for text-to-video; RequestRejected

@@ -371,7 +371,10 @@ class TaskManager:
             outcome, error = self._stop_reason.get(task_id, (TaskStatus.FAILED, INTERRUPTED_AT_SHUTDOWN))
         except ExecutionError as failure:
             outcome, error = TaskStatus.FAILED, one_line(str(failure))
-        except Exception as failure:  # a bug or a disk error: the record says so, the server keeps going
+        except OSError as failure:  # writing the result: disk full, or the path changed since the POST
+            log.exception("task result not written", extra={"task_id": task_id})
+            outcome, error = TaskStatus.FAILED, f"could not write the result to save_video_path: {failure.strerror or type(failure).__name__}"
+        except Exception as failure:  # a bug: the record says so, the server keeps going
             log.exception("task crashed", extra={"task_id": task_id})
             outcome, error = TaskStatus.FAILED, f"internal error ({type(failure).__name__})"
         transition(record, outcome, error)

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="wan_pipeline", help="pipeline model name (default %(default)s)")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative-prompt", dest="negative_prompt")
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--seed", type=int, help="default: a random seed (the metadata printed at the end says which)")
     parser.add_argument("--steps", dest="num_inference_steps", type=int)
     parser.add_argument("--frames", dest="num_frames", type=int, help="rounded to 4k+1")
     parser.add_argument("--height", type=int, help="multiple of 16")

@@ -1,6 +1,6 @@
 """Post the cats-boxing prompt to the /v1 API (as lightx2v's post.py does), follow its progress, download the mp4.
 
-    python scripts/post.py [--url http://127.0.0.1:8000] [--output cat_boxing_seed42.mp4] [--infer-steps N] ...
+    python scripts/post.py [--url http://127.0.0.1:8000] [--output cats.mp4] [--infer-steps N] ...
 
 Exit status: 0 when the video was downloaded, 1 when the task failed or was cancelled, 2 on a request error.
 """
@@ -30,14 +30,16 @@ OPTIONAL_FIELDS = ("task_id", "save_video_path", "infer_steps", "target_video_le
                    "sample_shift", "fps")
 
 
-def add_task_arguments(parser: argparse.ArgumentParser, prompt: str, save_video_path: str | None) -> None:
+def add_task_arguments(parser: argparse.ArgumentParser, prompt: str) -> None:
     """The options post.py and post_i2v.py share: server, request fields, polling."""
     add_server_arguments(parser)
     parser.add_argument("--prompt", default=prompt)
     parser.add_argument("--negative-prompt", default=NEGATIVE_PROMPT)
-    parser.add_argument("--save-video-path", default=save_video_path,
+    # No fixed default name (lightx2v's cat_boxing_seed42.mp4): every run would overwrite the last one's
+    # result on the server, and older tasks' /result would serve the new video.
+    parser.add_argument("--save-video-path",
                         help="where the server writes the video, relative to its output folder "
-                             f"(default: {save_video_path or '<task_id>.mp4'})")
+                             "(default: the server's <task_id>.mp4)")
     parser.add_argument("--output", type=Path, default=None,
                         help="local file to download to (default: the basename of the server's save_video_path)")
     parser.add_argument("--task-id")
@@ -57,7 +59,7 @@ def add_task_arguments(parser: argparse.ArgumentParser, prompt: str, save_video_
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_task_arguments(parser, PROMPT, "cat_boxing_seed42.mp4")
+    add_task_arguments(parser, PROMPT)
     return parser.parse_args(argv)
 
 

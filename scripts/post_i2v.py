@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="send this image file as a base64 data URI in the JSON body (/v1/tasks/)")
     source.add_argument("--image-path", metavar="VALUE",
                         help="an image_path the server resolves: a path in its input folder, or an http(s) URL")
-    add_task_arguments(parser, PROMPT, None)
+    add_task_arguments(parser, PROMPT)
     return parser.parse_args(argv)
 
 

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import onnx
@@ -87,8 +88,8 @@ def test_wan_pipeline_config_carries_the_checkpoint_defaults_and_limits(model_re
     assert float(parameters["default_shift"]) == 3.0  # the scheduler's flow_shift
     assert parameters["model_kind"] == "t2v" and parameters["backend"] == "onnxruntime"
     assert int(parameters["max_num_inference_steps"]) == 1000
-    # The tiny DiT's rotary tables cover 32 patches per axis: 32 x 2 x 8 = 512 pixels.
-    assert (parameters["min_height"], parameters["max_height"], parameters["max_width"]) == ("64", "512", "512")
+    # The limits of the checkpoint's serving_defaults.json (below the 512 pixels its rotary tables cover).
+    assert (parameters["min_height"], parameters["max_height"], parameters["max_width"]) == ("64", "256", "256")
     assert parameters["max_num_frames"] == "81"
 
 
@@ -193,7 +194,7 @@ def test_unsupported_checkpoints_are_rejected_with_the_reason(tmp_path, capsys, 
     (["--max-height", "1000"], "max_height 1000 is not a positive multiple of 16"),
     (["--max-width", "1024"], "exceeds the 512 pixels the DiT's rotary tables cover"),
     (["--default-num-frames", "18"], "default num_frames 18 is not of the form 4k+1"),
-    (["--default-height", "608"], "default height 608 is outside [min_height 64, max_height 512]"),
+    (["--default-height", "608"], "default height 608 is outside [min_height 64, max_height 256]"),
     (["--precision", "fp16", "--backend", "onnxruntime"], "serves fp32 graphs"),
 ])
 def test_inconsistent_options_are_rejected_before_any_export(tiny_checkpoint, tmp_path, capsys, monkeypatch,
@@ -222,6 +223,16 @@ def test_defaults_come_from_serving_defaults_json_then_cli(tiny_checkpoint):
     assert resolve_defaults(checkpoint).height == TINY_SERVING_DEFAULTS["height"]
     overridden = resolve_defaults(checkpoint, {"height": 128, "guidance_scale": 3.5, "shift": None})
     assert (overridden.height, overridden.guidance_scale, overridden.shift) == (128, 3.5, 3.0)
+
+
+def test_limits_come_from_serving_defaults_json_then_cli_else_the_rotary_tables(tiny_checkpoint):
+    checkpoint = load_checkpoint(tiny_checkpoint)
+    defaults = resolve_defaults(checkpoint)
+    assert resolve_limits(checkpoint, defaults).max_height == TINY_SERVING_DEFAULTS["max_height"]
+    assert resolve_limits(checkpoint, defaults, {"max_height": 384, "max_width": None}).max_height == 384
+    without_file = replace(checkpoint, serving_defaults_file={})
+    # The tiny DiT's rotary tables cover 32 patches per axis: 32 x 2 x 8 = 512 pixels.
+    assert resolve_limits(without_file, defaults).max_width == 512
 
 
 def test_checkpoint_without_serving_defaults_gets_wan21_defaults_and_its_flow_shift(tiny_checkpoint, tmp_path):
@@ -276,7 +287,7 @@ def test_tensorrt_backend_writes_plans_and_tensorrt_configs(model_repository, ti
     monkeypatch.setattr(tensorrt_engines, "build_engine", build_engine)
     output = tmp_path / "trt"
     assert build_engines.main(["--checkpoint", str(tiny_checkpoint), "--output", str(output), "--backend", "tensorrt",
-                               "--max-height", "256", "--no-progress"]) == 0
+                               "--max-height", "256", "--max-width", "512", "--no-progress"]) == 0
 
     assert {name: precision for name, (_, precision) in engines.items()} == {
         "text_encoder": "fp32", "dit": "bf16", "vae_decode_first": "fp32", "vae_decode_step": "fp32"}

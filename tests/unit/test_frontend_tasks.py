@@ -311,6 +311,21 @@ def test_a_bug_in_the_executor_fails_the_task_without_details(tmp_path):
     run(scenario())
 
 
+def test_a_result_that_cannot_be_written_fails_the_task_saying_why_and_the_next_runs(tmp_path):
+    async def scenario():
+        manager = await make_manager(tmp_path)
+        (tmp_path / "outputs" / "blocked.mp4").mkdir(parents=True)  # appeared after the POST was checked
+        await manager.submit(new_record("blocked"))
+        await manager.submit(new_record("fine"))
+        record = await wait_finished(manager, "blocked")
+        assert record.status is TaskStatus.FAILED
+        assert record.error == "could not write the result to save_video_path: Is a directory"
+        assert (await wait_finished(manager, "fine")).status is TaskStatus.COMPLETED
+        await shutdown(manager)
+
+    run(scenario())
+
+
 def test_tasks_wait_while_the_executor_is_not_ready_and_start_on_wake(tmp_path):
     async def scenario():
         executor = FakeExecutor(ready=False)

@@ -89,6 +89,26 @@ def test_save_video_path_through_a_symlink_that_leads_out_is_422(app, tmp_path):
     assert list(outside.iterdir()) == []
 
 
+def test_save_video_path_with_a_name_over_the_file_system_limit_is_422(app, tmp_path):
+    detail = assert_clean_error(app.client.post("/v1/tasks/", json={"save_video_path": "é" * 130 + ".mp4"}), 422,
+                                tmp_path)
+    assert "at most 240 bytes" in detail
+    assert app.client.post("/v1/tasks/", json={"save_video_path": "x" * 236 + ".mp4"}).status_code == 200
+
+
+@pytest.mark.parametrize("existing, path, words", [
+    ("folder", "taken.mp4", "names an existing folder"),
+    ("file", "taken.mp4/inner.mp4", "one of its folders is an existing file"),
+    ("file", "taken.mp4/deeper/inner.mp4", "one of its folders is an existing file"),
+])
+def test_save_video_path_that_could_not_be_written_is_422_before_anything_runs(app, tmp_path, existing, path, words):
+    taken = app.outputs / "taken.mp4"
+    taken.mkdir() if existing == "folder" else taken.write_bytes(b"an earlier result")
+    detail = assert_clean_error(app.client.post("/v1/tasks/", json={"save_video_path": path}), 422, tmp_path)
+    assert words in detail
+    assert app.client.get("/v1/tasks/").json() == {}
+
+
 def test_normalize_save_video_path_rules():
     assert normalize_save_video_path("./a.mp4") == "a.mp4"
     assert normalize_save_video_path("A/B.MP4") == "A/B.MP4"
