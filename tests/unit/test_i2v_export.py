@@ -268,7 +268,7 @@ def test_tensorrt_backend_builds_an_engine_for_every_i2v_model(model_repository_
     monkeypatch.setattr(trt, "build_engine", build_engine)
     output = tmp_path / "trt"
     assert build_engines.main(["--checkpoint", str(tiny_checkpoint_i2v), "--output", str(output), "--backend",
-                               "tensorrt", "--max-height", "256", "--no-progress"]) == 0
+                               "tensorrt", "--max-height", "256", "--max-width", "512", "--no-progress"]) == 0
 
     assert set(engines) == set(repository.component_models("i2v"))
     assert engines["dit"][1] == "bf16" and engines["image_encoder"][1] == "fp32"
