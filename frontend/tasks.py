@@ -373,7 +373,8 @@ class TaskManager:
             outcome, error = TaskStatus.FAILED, one_line(str(failure))
         except OSError as failure:  # writing the result: disk full, or the path changed since the POST
             log.exception("task result not written", extra={"task_id": task_id})
-            outcome, error = TaskStatus.FAILED, f"could not write the result to save_video_path: {failure.strerror or type(failure).__name__}"
+            reason = failure.strerror or type(failure).__name__
+            outcome, error = TaskStatus.FAILED, f"could not write the result to save_video_path: {reason}"
         except Exception as failure:  # a bug: the record says so, the server keeps going
             log.exception("task crashed", extra={"task_id": task_id})
             outcome, error = TaskStatus.FAILED, f"internal error ({type(failure).__name__})"

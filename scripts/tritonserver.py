@@ -64,7 +64,8 @@ def main() -> None:
     parser.add_argument("--grpc-port", type=int, default=int(os.environ.get("TRITON_GRPC_PORT", 8101)))
     parser.add_argument("--metrics-port", type=int, default=int(os.environ.get("TRITON_METRICS_PORT", 8102)))
     parser.add_argument("--address", default=os.environ.get("TRITON_ADDRESS", "127.0.0.1"),
-                        help="interface for all three ports (default %(default)s; 0.0.0.0 exposes them unauthenticated)")
+                        help="interface of all three ports (default %(default)s; "
+                             "0.0.0.0 exposes them, unauthenticated)")
     args, extra = parser.parse_known_args()
     command = server_command(args.model_repository, args.http_port, args.grpc_port, args.metrics_port, extra,
                              args.address)
