@@ -86,16 +86,22 @@ def test_two_deletes_at_once_exactly_one_cancels(server, client, target):
 
 
 def test_delete_as_the_task_completes_either_cancels_it_cleanly_or_leaves_it_completed(server, client, tmp_path):
+    # ~0.1-0.2 s a task: the delays sweep the DELETE from the start of the run to after its end.
+    race_task = {**SMALL, "infer_steps": 20}
+
+    async def post_then_delete(delays: tuple[float, ...]) -> list[tuple[str, httpx.Response]]:
+        answers = []
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            await http.get("/healthz")  # the connection is open: each DELETE comes `delay` after its POST
+            for delay in delays:
+                task = (await http.post("/v1/tasks/", json=race_task)).json()["task_id"]
+                await asyncio.sleep(delay)
+                answers.append((task, await http.delete(f"/v1/tasks/{task}")))
+                await asyncio.sleep(0.5)  # the task has ended (cancelled or completed) before the next POST
+        return answers
+
     outcomes = []
-    for delay in (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.6, 2.0):
-        task = post(client, **SMALL)
-
-        async def late_delete():
-            await asyncio.sleep(delay)
-            async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
-                return await http.delete(f"/v1/tasks/{task}")
-
-        answer = asyncio.run(late_delete())
+    for task, answer in asyncio.run(post_then_delete((0.0, 0.03, 0.06, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 2.0))):
         record = wait_status(client, task)
         result = client.get(f"/v1/tasks/{task}/result")
         file = server.data_dir / "outputs" / f"{task}.mp4"
