@@ -366,16 +366,12 @@ class TaskManager:
             execution = await self._executor.run(record.model_copy(deep=True), on_progress)
             self._finishing.add(task_id)
             record.message.update(execution.used)
-            await self._outputs.write(record.save_video_path, execution.video)
+            await self._write_result(record, execution.video)
         except asyncio.CancelledError:
             outcome, error = self._stop_reason.get(task_id, (TaskStatus.FAILED, INTERRUPTED_AT_SHUTDOWN))
         except ExecutionError as failure:
             outcome, error = TaskStatus.FAILED, one_line(str(failure))
-        except OSError as failure:  # writing the result: disk full, or the path changed since the POST
-            log.exception("task result not written", extra={"task_id": task_id})
-            reason = failure.strerror or type(failure).__name__
-            outcome, error = TaskStatus.FAILED, f"could not write the result to save_video_path: {reason}"
-        except Exception as failure:  # a bug: the record says so, the server keeps going
+        except Exception as failure:  # a bug or a disk error: the record says so, the server keeps going
             log.exception("task crashed", extra={"task_id": task_id})
             outcome, error = TaskStatus.FAILED, f"internal error ({type(failure).__name__})"
         transition(record, outcome, error)
@@ -393,6 +389,14 @@ class TaskManager:
         if not self._closed:
             self.wake()
         self._update_gauges()
+
+    async def _write_result(self, record: TaskRecord, video: bytes) -> None:
+        try:
+            await self._outputs.write(record.save_video_path, video)
+        except OSError as failure:  # disk full, or the path changed since the POST was checked
+            log.exception("task result not written", extra={"task_id": record.task_id})
+            reason = failure.strerror or type(failure).__name__
+            raise ExecutionError(f"could not write the result to save_video_path: {reason}") from None
 
     async def _persist(self, record: TaskRecord) -> None:
         try:
