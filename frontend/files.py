@@ -37,6 +37,18 @@ def contained_path(root: Path, relative: str, allow_root: bool = False) -> Path:
     return real
 
 
+def unwritable_reason(root: Path, relative: str) -> str | None:
+    """Why `atomic_write(root, relative, ...)` would fail as things stand (it names a folder, or one of its
+    folders is a file), or None; raises PathOutsideRoot when it leads out. Blocking: run it in a thread."""
+    target = contained_path(root, relative)
+    if target.is_dir():
+        return "names an existing folder, not a file"
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    return None if parent.is_dir() else "one of its folders is an existing file"
+
+
 def existing_file(root: Path, relative: str) -> tuple[Path, os.stat_result]:
     """The real path and stat of a regular file inside `root` (blocking: run it in a thread)."""
     path = contained_path(root, relative)

@@ -13,7 +13,7 @@ import logging
 from typing import Any, Mapping
 
 from frontend.breaker import FailureBreaker
-from frontend.files import Folder, PathOutsideRoot, contained_path
+from frontend.files import Folder, PathOutsideRoot, contained_path, unwritable_reason
 from frontend.images import ImageInputs, ImageRejected, ResolvedImage, derive_size
 from frontend.metrics import Metrics
 from frontend.protocol import (
@@ -263,18 +263,13 @@ class VideoService:
 
     def _check_save_path(self, relative: str) -> None:
         """Refused now rather than after the generation: a path that leads out, or one the result could not be
-        written to as things stand (it names a folder, or one of its folders is a file)."""
+        written to as things stand."""
         try:
-            target = contained_path(self.outputs.root, relative)
+            reason = unwritable_reason(self.outputs.root, relative)
         except PathOutsideRoot:
             raise ParameterError("save_video_path: must stay inside the output folder") from None
-        if target.is_dir():
-            raise ParameterError("save_video_path: names an existing folder, not a file")
-        parent = target.parent
-        while not parent.exists():
-            parent = parent.parent
-        if not parent.is_dir():
-            raise ParameterError("save_video_path: one of its folders is an existing file")
+        if reason is not None:
+            raise ParameterError(f"save_video_path: {reason}")
 
     async def _resolve_image(self, image_path: str, upload: bytes | None) -> ResolvedImage | None:
         """The checked image input of a request (nothing stored yet), None for text-to-video; RequestRejected
