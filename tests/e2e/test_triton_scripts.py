@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import av
+import psutil
 
 from tests.conftest import REPO_ROOT
 
@@ -52,20 +53,12 @@ def test_perf_analyzer_reports_pipeline_and_component_latency(triton_server):
 
 
 def listening_addresses(port: int) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    """Local addresses of the TCP sockets listening on `port`, from /proc/net/tcp and tcp6 (IPv4-mapped IPv6
-    addresses as their IPv4 address)."""
+    """Local addresses of the TCP sockets listening on `port` (IPv4-mapped IPv6 ones as their IPv4 address)."""
     addresses = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table, encoding="ascii") as lines:
-            for line in list(lines)[1:]:
-                local, state = line.split()[1], line.split()[3]
-                hex_address, hex_port = local.split(":")
-                if state != "0A" or int(hex_port, 16) != port:  # 0A: LISTEN
-                    continue
-                # the kernel prints each 32-bit word of the address in host (little-endian) byte order
-                raw = b"".join(bytes.fromhex(hex_address[i:i + 8])[::-1] for i in range(0, len(hex_address), 8))
-                address = ipaddress.ip_address(raw)
-                addresses.add(getattr(address, "ipv4_mapped", None) or address)
+    for connection in psutil.net_connections(kind="tcp"):
+        if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port:
+            address = ipaddress.ip_address(connection.laddr.ip)
+            addresses.add(getattr(address, "ipv4_mapped", None) or address)
     return addresses
 
 
